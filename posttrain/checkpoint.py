@@ -1,0 +1,78 @@
+"""Resumable training checkpoints: LoRA weights, optimizer, scheduler, RNG and position.
+
+A checkpoint is a folder `step_<N>` written under a temporary name and renamed when
+complete, so a killed job never leaves a half-written checkpoint that looks finished.
+Everything is read back with safetensors or `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from posttrain.io import atomic_dir, atomic_write_json
+
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+def latest(ckpt_dir: Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step, or None."""
+    if not Path(ckpt_dir).is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).iterdir()
+             if (m := _STEP.match(p.name)) and (p / "state.pt").is_file()]
+    return max(found)[1] if found else None
+
+
+def save(ckpt_dir: Path, step: int, model, optimizer, scheduler, extra: dict,
+         keep: int = 2) -> Path:
+    """Write checkpoint `step_<step>` and prune all but the `keep` newest."""
+    from peft import get_peft_model_state_dict
+
+    path = Path(ckpt_dir) / f"step_{step}"
+    with atomic_dir(path) as tmp:
+        weights = {k: v.detach().cpu().contiguous()
+                   for k, v in get_peft_model_state_dict(model).items()}
+        save_file(weights, str(tmp / "adapter.safetensors"))
+        torch.save({
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": repr(random.getstate()),
+        }, tmp / "state.pt")
+        atomic_write_json(tmp / "extra.json", extra)
+    old = sorted((int(m.group(1)), p) for p in Path(ckpt_dir).iterdir()
+                 if (m := _STEP.match(p.name)))
+    for _, p in old[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    return path
+
+
+def load(path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore a checkpoint into the live objects; returns (step, extra)."""
+    import ast
+    import json
+
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter.safetensors")))
+    state = torch.load(Path(path) / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(_tuples(ast.literal_eval(state["python_rng"])))
+    return state["step"], json.loads((Path(path) / "extra.json").read_text())
+
+
+def _tuples(x):
+    return tuple(_tuples(i) for i in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,65 @@
+"""`posttrain <stage> [--config FILE.yaml] [key=value ...]`: load the config, run the stage."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from posttrain.config import ConfigError, describe, load_config
+
+# stage -> (module, config sections it reads, one-line help)
+STAGES = {
+    "sft": ("posttrain.sft", ("model", "lora", "data", "sft"),
+            "supervised fine-tuning of a LoRA adapter on prompt/completion rows"),
+}
+
+EXAMPLES = """examples:
+  posttrain sft --config configs/demo.yaml
+  posttrain sft --config configs/tldr-smollm2-cpu.yaml data.train=../shared/data/tifu/train.jsonl
+  posttrain sft out_dir=runs/try lora.rank=8 sft.max_lr=1e-4
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Post-train a causal LM: SFT, then RL that shapes one property of the "
+                    "output. Each stage reads and writes one run directory (out_dir).",
+        epilog=EXAMPLES)
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE")
+    for name, (_, sections, help_) in STAGES.items():
+        p = sub.add_parser(
+            name, help=help_, description=help_,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="options (set in the YAML file or as key=value; defaults shown):\n"
+                   + describe(sections=sections))
+        p.add_argument("--config", metavar="FILE.yaml",
+                       help="YAML file whose values override the defaults")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="overrides applied after the YAML file, dotted for nested fields "
+                            "(e.g. lora.rank=8 sft.max_lr=1e-4)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stage is None:
+        parser.print_help()
+        return 2
+    from posttrain.data import DataError
+    from posttrain.modeling import ModelError
+    from posttrain.sft import TrainingError
+
+    try:
+        cfg = load_config(args.config, tuple(args.overrides))
+        module = importlib.import_module(STAGES[args.stage][0])
+        module.run(cfg)
+    except (ConfigError, DataError, ModelError, TrainingError) as e:
+        print(f"posttrain {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"posttrain {args.stage}: interrupted; re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0

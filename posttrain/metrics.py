@@ -1,0 +1,53 @@
+"""One sink for training metrics: `metrics.jsonl` in the run directory, plus TensorBoard
+when it is installed."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Append one JSON object per call to `<run_dir>/metrics.jsonl` (flushed every line)."""
+
+    def __init__(self, run_dir: Path, stage: str, enabled: bool = True):
+        self.stage = stage
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage))
+            except Exception:  # tensorboard not installed: the jsonl file is the record
+                self._tb = None
+
+    def log(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        row = {"stage": self.stage, "step": step, "time": round(time.time(), 3)}
+        for k, v in values.items():
+            v = float(v) if hasattr(v, "__float__") and not isinstance(v, (int, bool)) else v
+            row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+            if self._tb is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: Path, stage: str | None = None) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if stage is None or r.get("stage") == stage]

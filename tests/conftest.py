@@ -1,0 +1,70 @@
+"""Offline fixtures: a tiny Llama-shaped model and a byte-level BPE tokenizer trained on the
+bundled sample, saved once per session to a local folder (no network)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config import load_config
+
+
+def _train_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from posttrain.data import sample_path
+
+    text = [json.loads(line)["prompt"] + json.loads(line)["completion"]
+            for line in sample_path("train").read_text().splitlines()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tok = _train_tokenizer(folder)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def rows():
+    return [{"prompt": f"SUBREDDIT: r/test\n\nTITLE: post {i}\n\nPOST: my cat knocked over "
+                       f"{i} glasses today and i am tired.\n\nTL;DR:",
+             "completion": f" cat broke {i} glasses."} for i in range(12)]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir, tmp_path):
+    """A config for the tiny model on the bundled sample, sized to run in seconds."""
+    def make(*overrides):
+        return load_config(None, (
+            f"out_dir={tmp_path / 'run'}", f"model.name={tiny_model_dir}", "model.precision=fp32",
+            "lora.rank=4", "lora.alpha=8", "data.max_train_rows=24", "data.max_eval_rows=8",
+            "data.max_prompt_tokens=1024", "sft.batch_size=4", "sft.max_lr=3e-3",
+            "sft.min_lr=3e-4", "sft.warmup_ratio=0.0", "sft.checkpoint_every=2") + overrides)
+    return make

@@ -1,0 +1,29 @@
+import subprocess
+import sys
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "posttrain", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_help_lists_stages_and_options():
+    top = run_cli("--help")
+    assert top.returncode == 0 and "sft" in top.stdout
+    sft = run_cli("sft", "--help")
+    assert sft.returncode == 0
+    assert "sft.max_lr" in sft.stdout and "Peak learning rate" in sft.stdout
+    assert "lora.rank" in sft.stdout
+
+
+def test_bad_override_exits_nonzero_naming_the_key(tmp_path):
+    r = run_cli("sft", f"out_dir={tmp_path}", "sft.learning_rate=1")
+    assert r.returncode == 2
+    assert "sft.learning_rate" in r.stderr
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_bad_data_file_exits_nonzero_naming_the_file(tmp_path):
+    r = run_cli("sft", f"out_dir={tmp_path / 'run'}", f"data.train={tmp_path / 'nope.jsonl'}")
+    assert r.returncode == 2
+    assert "nope.jsonl" in r.stderr and "not found" in r.stderr
