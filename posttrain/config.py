@@ -17,7 +17,6 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-ROOT_SECTIONS = ("model", "lora", "data", "sft")
 
 
 class ConfigError(ValueError):
@@ -101,6 +100,9 @@ class DataConfig:
     """Tokens kept from the end of a truncated prompt."""
     max_completion_tokens: int = 128
     """Rows whose completion (plus EOS) is longer than this are dropped from training."""
+    empty_completions: str = "error"
+    """What to do with a row whose completion is empty or whitespace: `error` stops and names
+    the row; `drop` skips such rows and reports how many."""
     max_train_rows: Optional[int] = None
     """Use at most this many training rows (after filtering); null for all."""
     max_eval_rows: Optional[int] = None
@@ -108,6 +110,7 @@ class DataConfig:
 
     def __post_init__(self):
         _choice(self.overlong, "data.overlong", ("drop", "truncate"))
+        _choice(self.empty_completions, "data.empty_completions", ("error", "drop"))
         _positive(self.max_prompt_tokens, "data.max_prompt_tokens")
         _positive(self.max_completion_tokens, "data.max_completion_tokens")
         if self.overlong == "truncate" and not 0 < self.truncate_keep_tail < self.max_prompt_tokens:
@@ -160,6 +163,121 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class GenerateConfig:
+    prompts: Optional[str] = None
+    """Where the prompts are drawn from (any data source); null means `data.train`."""
+    prompts_split: Optional[str] = None
+    """Split of `prompts`; null means `data.train_split`."""
+    num_samples: int = 512
+    """Completions to generate in all (the seed: 10,000)."""
+    samples_per_prompt: int = 4
+    """Completions per drawn prompt, sharing one prompt pass. 1 reproduces the seed's draw
+    (every sample from an independently drawn prompt)."""
+    batch_size: int = 16
+    """Prompts per sampling batch (each gives samples_per_prompt rows)."""
+    max_new_tokens: int = 300
+    """Longest completion; a sample that reaches it without EOS is marked truncated."""
+    temperature: float = 1.0
+    """Sampling temperature (the seed: 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (the seed: 1, no filtering)."""
+    push_to_hub: Optional[str] = None
+    """Hub dataset repo id to push the generated set to; null keeps it local."""
+
+    def __post_init__(self):
+        _positive(self.num_samples, "generate.num_samples")
+        _positive(self.samples_per_prompt, "generate.samples_per_prompt")
+        _positive(self.batch_size, "generate.batch_size")
+        _positive(self.max_new_tokens, "generate.max_new_tokens")
+        _positive(self.temperature, "generate.temperature")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p={self.top_p!r} must be in (0, 1]")
+        if self.num_samples % self.samples_per_prompt:
+            raise ConfigError("generate.num_samples must be a multiple of "
+                              "generate.samples_per_prompt")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    name: str = "zscore"
+    """`zscore`: the seed's 1 - |z| with z the length's z-score over the generated set.
+    `target_length`: 1 - |len - target| / width."""
+    unit: str = "chars"
+    """Length unit the reward reads: `chars` (the seed) or `tokens`."""
+    target: Optional[float] = None
+    """Length to aim at. zscore: the centre (null = the set's mean). target_length: required."""
+    width: Optional[float] = None
+    """target_length: length difference at which the reward reaches 0 (null = the set's std)."""
+
+    def __post_init__(self):
+        _choice(self.name, "reward.name", ("zscore", "target_length"))
+        _choice(self.unit, "reward.unit", ("chars", "tokens"))
+        if self.name == "target_length" and self.target is None:
+            raise ConfigError("reward.name=target_length needs reward.target (a length in "
+                              "reward.unit)")
+        if self.width is not None:
+            _positive(self.width, "reward.width")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    epochs: float = 1.0
+    """Passes over the generated set."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 means run `epochs`."""
+    batch_size: int = 8
+    """Samples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Advantages are whitened over one step's samples."""
+    max_lr: float = 3e-5
+    """Peak learning rate."""
+    min_lr: float = 3e-6
+    """Learning rate at the end of the cosine decay."""
+    warmup_ratio: float = 0.1
+    """Share of steps in linear warmup."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on >= 2-D parameters."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables."""
+    clip_eps: float = 0.3
+    """PPO clip range epsilon: the ratio is clipped to [1 - eps, 1 + eps]."""
+    adv_clamp: float = 3.0
+    """Whitened advantages are clamped to [-adv_clamp, adv_clamp]."""
+    kl_control: str = "fixed"
+    """`fixed`: beta stays `beta`. `adaptive`: a proportional controller steers the per-token
+    KL to the best-of-N target log N - (N-1)/N."""
+    beta: float = 0.01
+    """KL coefficient (the start value when adaptive)."""
+    best_of_n: int = 3
+    """N of the best-of-N KL target (N=3 gives 0.432 nats per token)."""
+    kl_horizon: int = 100
+    """Adaptive controller horizon in steps: larger moves beta more slowly."""
+    eval_every: int = 0
+    """Sample on held-out prompts every this many steps and log the length mean and std
+    (0: only before and after training)."""
+    eval_prompts: int = 16
+    """Held-out prompts (from data.eval) sampled at each periodic evaluation."""
+    eval_samples_per_prompt: int = 2
+    """Samples per held-out prompt at each periodic evaluation."""
+    checkpoint_every: int = 20
+    """Save a resumable checkpoint every this many steps; 0 disables."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+
+    def __post_init__(self):
+        _choice(self.kl_control, "rl.kl_control", ("fixed", "adaptive"))
+        for name in ("epochs", "batch_size", "grad_accum", "clip_eps", "adv_clamp",
+                     "best_of_n", "kl_horizon", "eval_prompts", "eval_samples_per_prompt",
+                     "keep_checkpoints"):
+            _positive(getattr(self, name), f"rl.{name}")
+        _positive(self.beta, "rl.beta", allow_zero=True)
+        _positive(self.eval_every, "rl.eval_every", allow_zero=True)
+        _positive(self.checkpoint_every, "rl.checkpoint_every", allow_zero=True)
+        if self.min_lr > self.max_lr:
+            raise ConfigError(f"rl.min_lr={self.min_lr} is above rl.max_lr={self.max_lr}")
+
+
+@dataclass(frozen=True)
 class Config:
     out_dir: str = "runs/demo"
     """Run directory: every stage reads its inputs from here and writes its outputs here."""
@@ -169,6 +287,9 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     @property
     def run_dir(self) -> Path:

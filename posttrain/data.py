@@ -85,7 +85,7 @@ def _check_utf8(path: Path) -> None:
                                 f"{e.start}); could not read the file") from e
 
 
-def load_rows(source: str, split: str, cfg: DataConfig, limit: Optional[int] = None) -> list[dict]:
+def load_rows(source: str, split: str, cfg: DataConfig) -> list[dict]:
     """Read `source` and return rows {"prompt", "completion"} (strings), checked."""
     ds = _load_dataset(source, split)
     where = f"{source}" + (f" (split {split})" if source == "sample" or not Path(source).suffix else "")
@@ -95,14 +95,22 @@ def load_rows(source: str, split: str, cfg: DataConfig, limit: Optional[int] = N
                         "Set data.prompt_field / data.completion_field to the right names.")
     if len(ds) == 0:
         raise DataError(f"{where}: has no rows")
-    rows = []
+    rows, empty = [], 0
     for i, (p, c) in enumerate(zip(ds[cfg.prompt_field], ds[cfg.completion_field])):
         if not isinstance(p, str) or not p.strip():
             raise DataError(f"{where}: row {i}: empty or non-text {cfg.prompt_field!r}")
         if not isinstance(c, str) or not c.strip():
-            raise DataError(f"{where}: row {i}: empty or non-text {cfg.completion_field!r}")
+            if cfg.empty_completions == "error" or not isinstance(c, str):
+                raise DataError(f"{where}: row {i}: empty or non-text {cfg.completion_field!r} "
+                                "(set data.empty_completions=drop to skip such rows)")
+            empty += 1
+            continue
         rows.append({"prompt": p, "completion": c})
-    return rows[:limit] if limit is not None else rows
+    if empty:
+        print(f"{where}: dropped {empty} row(s) with an empty {cfg.completion_field!r}")
+    if not rows:
+        raise DataError(f"{where}: no rows with a non-empty {cfg.completion_field!r}")
+    return rows
 
 
 # ---------------------------------------------------------------- tokens

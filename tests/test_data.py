@@ -60,6 +60,8 @@ def test_bad_files_name_the_file_and_problem(tmp_path, rows):
     write_jsonl(tmp_path / "blank.jsonl", bad)
     with pytest.raises(DataError, match=r"blank.jsonl: row 3: empty"):
         load_rows(str(tmp_path / "blank.jsonl"), "train", CFG)
+    assert load_rows(str(tmp_path / "blank.jsonl"), "train",
+                     DataConfig(empty_completions="drop")) == rows[:3]
     (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "completion": " x"}\n')
     with pytest.raises(DataError, match="latin1.jsonl: line 1 is not valid UTF-8"):
         load_rows(str(tmp_path / "latin1.jsonl"), "train", CFG)

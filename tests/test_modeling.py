@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+from posttrain import modeling
+from posttrain.config import LoraConfig, ModelConfig, load_config
+from posttrain.data import collate, load_rows, tokenize_rows
+from posttrain.sft import completion_loss
+
+
+def test_qlora_on_cpu_is_a_clear_error():
+    with pytest.raises(modeling.ModelError, match="load_in_4bit=true.*needs a CUDA GPU"):
+        modeling._bnb_config(torch.device("cpu"))
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert modeling.compute_dtype(ModelConfig(precision="fp32"), cpu) == torch.float32
+    auto = modeling.compute_dtype(ModelConfig(precision="auto"), cpu)
+    assert auto == (torch.bfloat16 if modeling.bf16_supported(cpu) else torch.float32)
+    with pytest.raises(modeling.ModelError, match="CUDA is not available"):
+        if torch.cuda.is_available():
+            raise modeling.ModelError("CUDA is not available (skipped: this machine has CUDA)")
+        modeling.resolve_device(ModelConfig(device="cuda"))
+
+
+def test_lora_wraps_only_named_modules(tiny_model_dir):
+    base = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
+    model = modeling.add_lora(base, LoraConfig(rank=2, target_modules=["q_proj", "v_proj"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in trainable)
+    with pytest.raises(modeling.ModelError, match="nonexistent_proj"):
+        modeling.add_lora(modeling.load_base_model(ModelConfig(name=str(tiny_model_dir)),
+                                                   torch.device("cpu")),
+                          LoraConfig(target_modules=["nonexistent_proj"]))
+
+
+def test_adapter_for_another_base_model_is_refused(tiny_model_dir, tmp_path):
+    cfg = ModelConfig(name=str(tiny_model_dir))
+    tok = modeling.load_tokenizer(cfg)
+    model = modeling.add_lora(modeling.load_base_model(cfg, torch.device("cpu")), LoraConfig(rank=2))
+    modeling.save_adapter(model, tok, tmp_path / "adapter")
+    fresh = modeling.load_base_model(cfg, torch.device("cpu"))
+    modeling.load_adapter(fresh, tmp_path / "adapter")          # same base: fine
+    conf = tmp_path / "adapter" / "adapter_config.json"
+    data = json.loads(conf.read_text())
+    data["base_model_name_or_path"] = "someone/other-model"
+    conf.write_text(json.dumps(data))
+    with pytest.raises(modeling.ModelError, match="trained on 'someone/other-model'"):
+        modeling.load_adapter(modeling.load_base_model(cfg, torch.device("cpu")), tmp_path / "adapter")
+    with pytest.raises(modeling.ModelError, match="not a saved adapter"):
+        modeling.load_adapter(fresh, tmp_path)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_loads_and_scores_a_tldr_prompt():
+    """The embedded model converts from its GGUF (once), loads from the cache, and its loss
+    on a TL;DR completion is that of a model that reads English (not of random weights)."""
+    cfg = load_config(None, ("model.precision=fp32",))
+    path = modeling.embedded_model_dir()
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    tok = modeling.load_tokenizer(cfg.model)
+    model = modeling.load_base_model(cfg.model, torch.device("cpu"))
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    rows = load_rows("sample", "validation", cfg.data)[:4]
+    ex, _ = tokenize_rows(rows, tok, cfg.data)
+    with torch.no_grad():
+        loss = completion_loss(model, collate(ex, tok.pad_token_id)).item()
+    assert 1.0 < loss < 4.5, loss          # random weights would give ~log(49152) = 10.8
+
+
+@pytest.mark.slow
+def test_embedded_checksum_mismatch_is_refused(monkeypatch):
+    monkeypatch.setattr(modeling, "EMBEDDED_SHA256", "0" * 64)
+    with pytest.raises(modeling.ModelError, match="sha256.*does not match"):
+        modeling.embedded_gguf()
