@@ -30,14 +30,14 @@ def latest(ckpt_dir: Path) -> Optional[Path]:
 
 
 def save(ckpt_dir: Path, step: int, model, optimizer, scheduler, extra: dict,
-         keep: int = 2) -> Path:
+         keep: int = 2, adapter: str = "default") -> Path:
     """Write checkpoint `step_<step>` and prune all but the `keep` newest."""
     from peft import get_peft_model_state_dict
 
     path = Path(ckpt_dir) / f"step_{step}"
     with atomic_dir(path) as tmp:
         weights = {k: v.detach().cpu().contiguous()
-                   for k, v in get_peft_model_state_dict(model).items()}
+                   for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
         save_file(weights, str(tmp / "adapter.safetensors"))
         torch.save({
             "step": step,
@@ -55,14 +55,15 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler, extra: dict,
     return path
 
 
-def load(path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+def load(path: Path, model, optimizer, scheduler, adapter: str = "default") -> tuple[int, dict]:
     """Restore a checkpoint into the live objects; returns (step, extra)."""
     import ast
     import json
 
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter.safetensors")))
+    set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter.safetensors")),
+                              adapter_name=adapter)
     state = torch.load(Path(path) / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:

@@ -11,12 +11,18 @@ from posttrain.config import ConfigError, describe, load_config
 STAGES = {
     "sft": ("posttrain.sft", ("model", "lora", "data", "sft"),
             "supervised fine-tuning of a LoRA adapter on prompt/completion rows"),
+    "generate": ("posttrain.generate", ("model", "data", "generate"),
+                 "sample completions from the SFT policy into a scored dataset for RL"),
+    "rl": ("posttrain.rl", ("model", "lora", "data", "generate", "reward", "rl"),
+           "PPO-style RL on the generated set against the frozen SFT policy"),
 }
 
 EXAMPLES = """examples:
   posttrain sft --config configs/demo.yaml
   posttrain sft --config configs/tldr-smollm2-cpu.yaml data.train=../shared/data/tifu/train.jsonl
   posttrain sft out_dir=runs/try lora.rank=8 sft.max_lr=1e-4
+  posttrain generate --config configs/demo.yaml generate.num_samples=256
+  posttrain rl --config configs/demo.yaml rl.kl_control=adaptive
 """
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 
@@ -167,16 +167,21 @@ def _bnb_config(device: torch.device):
                               bnb_4bit_use_double_quant=True)
 
 
+def _peft_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+
+
 def add_lora(model, cfg: LoraConfig, quantized: bool = False):
     """Wrap `model` with fresh, trainable LoRA adapters (peft)."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, peft_cfg)
+        return get_peft_model(model, _peft_config(cfg))
     except ValueError as e:
         raise ModelError(f"lora.target_modules={list(cfg.target_modules)}: {e}") from e
 
@@ -197,11 +202,57 @@ def load_adapter(model, path: Path, trainable: bool = False, name: str = "defaul
     return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
 
 
-def save_adapter(model, tokenizer, path: Path) -> None:
-    """Save the LoRA weights and the tokenizer together, atomically."""
+def save_adapter(model, tokenizer, path: Path, adapter: str | None = None) -> None:
+    """Save the LoRA weights (one named adapter, or all) and the tokenizer, atomically."""
     with atomic_dir(Path(path)) as tmp:
-        model.save_pretrained(tmp)
+        if adapter is None:
+            model.save_pretrained(tmp)
+        else:  # peft writes a non-default adapter into a subfolder of its name
+            model.save_pretrained(tmp, selected_adapters=[adapter])
+            for f in (tmp / adapter).iterdir():
+                f.rename(tmp / f.name)
+            (tmp / adapter).rmdir()
         tokenizer.save_pretrained(tmp)
+
+
+# ---------------------------------------------------------------- SFT + RL policy
+SFT, RL = "sft", "rl"
+
+
+def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None = None):
+    """The SFT model (base + frozen SFT adapter), plus an RL adapter on top when `rl` is a
+    saved adapter's folder or "new" (fresh LoRA: the policy starts equal to the SFT model).
+    With the RL adapter disabled (`sft_only`) the same weights are the frozen SFT policy, so
+    no second model is held in memory."""
+    if not (Path(sft_dir) / "adapter_config.json").is_file():
+        raise ModelError(f"{sft_dir}: no SFT adapter; run `posttrain sft` first")
+    base = load_base_model(cfg.model, device)
+    model = load_adapter(base, sft_dir, trainable=False, name=SFT)
+    if rl is None:
+        return model
+    if rl == "new":
+        model.add_adapter(RL, _peft_config(cfg.lora))
+    else:
+        model.load_adapter(str(rl), adapter_name=RL, is_trainable=True)
+    _activate(model, (SFT, RL))
+    return model
+
+
+def _activate(model, adapters: tuple) -> None:
+    """Make `adapters` active together; only the RL adapter's weights train."""
+    model.base_model.set_adapter(list(adapters) if len(adapters) > 1 else adapters[0])
+    for name, p in model.named_parameters():
+        p.requires_grad = f".{RL}." in name
+
+
+@contextmanager
+def sft_only(model):
+    """Run the policy with its RL adapter disabled: the frozen SFT model."""
+    _activate(model, (SFT,))
+    try:
+        yield model
+    finally:
+        _activate(model, (SFT, RL))
 
 
 # ---------------------------------------------------------------- forward

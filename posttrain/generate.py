@@ -1,0 +1,166 @@
+"""The generation stage: sample completions from the SFT policy and store them for RL.
+
+Reads `<out_dir>/sft/adapter`; writes `<out_dir>/generate/`:
+  dataset/      a `datasets` folder, one row per sample: prompt, prompt_ids, completion,
+                completion_ids (EOS included when sampled), logprobs (the SFT policy's, per
+                completion token), ended_with_eos, truncated, length_chars, length_tokens,
+                score (z-score of -length_chars over the whole set)
+  stats.json    length mean / variance / std (chars and tokens), EOS rate, the tokenizer's
+                fingerprint
+Each finished batch is written to `parts/` first, so a killed run resumes at its batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain import modeling, sampling
+from posttrain.config import Config, write_config
+from posttrain.data import DataError, fit_prompt, load_rows
+from posttrain.io import atomic_dir, atomic_write_json, atomic_write_text
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary and special tokens: a generation set is only valid for
+    the tokenizer whose ids it stores."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([vocab, tokenizer.eos_token_id, tokenizer.pad_token_id])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prompt_pool(source: str, split: str, tokenizer, cfg: Config) -> tuple[list[str], list[list[int]]]:
+    """Prompts of a data source, tokenized, with the overlong policy applied."""
+    rows = load_rows(source, split, cfg.data)
+    ids = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    kept = [(r["prompt"], fitted) for r, p in zip(rows, ids)
+            if (fitted := fit_prompt(p, cfg.data)) is not None]
+    if not kept:
+        raise DataError(f"{source}: no prompt fits data.max_prompt_tokens="
+                        f"{cfg.data.max_prompt_tokens}")
+    return [k[0] for k in kept], [k[1] for k in kept]
+
+
+def sample_records(model, tokenizer, texts: list[str], prompts: list[list[int]],
+                   group_size: int, max_new_tokens: int, generator, temperature=1.0,
+                   top_p=1.0) -> list[dict]:
+    """Sample `group_size` completions per prompt; one record (a dict of plain values) each."""
+    samples = sampling.sample(model, prompts, group_size, max_new_tokens,
+                              tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+                              temperature, top_p)
+    records = []
+    for s in samples:
+        body = s.token_ids[:-1] if s.ended_with_eos else s.token_ids
+        text = tokenizer.decode(body, skip_special_tokens=True)
+        records.append({
+            "prompt": texts[s.prompt_index], "prompt_ids": list(prompts[s.prompt_index]),
+            "completion": text, "completion_ids": list(s.token_ids),
+            "logprobs": list(s.logprobs), "ended_with_eos": s.ended_with_eos,
+            "truncated": not s.ended_with_eos, "length_chars": len(text.strip()),
+            "length_tokens": len(body)})
+    return records
+
+
+def length_stats(records: list[dict]) -> dict:
+    chars = [r["length_chars"] for r in records]
+    tokens = [r["length_tokens"] for r in records]
+    return {"count": len(records),
+            "length_chars": {"mean": statistics.fmean(chars), "var": statistics.pvariance(chars),
+                             "std": statistics.pstdev(chars)},
+            "length_tokens": {"mean": statistics.fmean(tokens),
+                              "var": statistics.pvariance(tokens),
+                              "std": statistics.pstdev(tokens)},
+            "eos_rate": sum(r["ended_with_eos"] for r in records) / len(records)}
+
+
+def run(cfg: Config) -> dict:
+    """Generate the RL set; returns its stats (also written to generate/stats.json)."""
+    out = cfg.run_dir / "generate"
+    if (out / "stats.json").is_file() and (out / "dataset").is_dir():
+        print(f"generate: already finished in {out} (delete it to generate again)")
+        return json.loads((out / "stats.json").read_text())
+    g = cfg.generate
+    write_config(cfg, cfg.run_dir)
+    device = modeling.resolve_device(cfg.model)
+    dtype = modeling.compute_dtype(cfg.model, device)
+    tokenizer = modeling.load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter")
+                                        if (cfg.run_dir / "sft" / "adapter").is_dir() else None)
+    texts, prompts = prompt_pool(g.prompts or cfg.data.train,
+                                 g.prompts_split or cfg.data.train_split, tokenizer, cfg)
+    model = modeling.load_policy(cfg, device, cfg.run_dir / "sft" / "adapter").eval()
+
+    # 1. draw prompts with replacement (seeded); each draw gives samples_per_prompt samples
+    draws = torch.randint(len(prompts), (g.num_samples // g.samples_per_prompt,),
+                          generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    batches = [draws[i:i + g.batch_size] for i in range(0, len(draws), g.batch_size)]
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    t0, new_tokens = time.perf_counter(), 0
+    bar = tqdm(batches, desc="generate", unit="batch")
+    for b, idx in enumerate(bar):
+        part = parts / f"{b:06d}.jsonl"
+        if part.is_file():
+            continue
+        # 2. sample; each batch has its own seed, so a resumed run draws the same tokens
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + b)
+        with modeling.autocast(device, dtype):
+            records = sample_records(model, tokenizer, [texts[i] for i in idx],
+                                     [prompts[i] for i in idx], g.samples_per_prompt,
+                                     g.max_new_tokens, gen, g.temperature, g.top_p)
+        atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in records))
+        new_tokens += sum(len(r["completion_ids"]) for r in records)
+        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
+    bar.close()
+
+    # 3. assemble: score = z-score of -length over the whole set, then save
+    records = [json.loads(line) for p in sorted(parts.glob("*.jsonl"))
+               for line in p.read_text().splitlines()]
+    stats = length_stats(records)
+    mean, std = stats["length_chars"]["mean"], stats["length_chars"]["std"]
+    for r in records:
+        r["score"] = (mean - r["length_chars"]) / std if std > 0 else 0.0
+    stats.update(tokenizer=tokenizer_fingerprint(tokenizer), model=cfg.model.name,
+                 samples_per_prompt=g.samples_per_prompt, distinct_prompts=len(set(draws)),
+                 seconds=round(time.perf_counter() - t0, 1),
+                 new_tokens_per_s=round(new_tokens / max(time.perf_counter() - t0, 1e-9), 1))
+    _save(records, stats, out, g.push_to_hub)
+    shutil.rmtree(parts, ignore_errors=True)
+    lc = stats["length_chars"]
+    print(f"generate: {len(records)} samples, length {lc['mean']:.1f} ± {lc['std']:.1f} chars "
+          f"(variance {lc['var']:.0f}), EOS rate {stats['eos_rate']:.2f}; {out / 'dataset'}")
+    return stats
+
+
+def _save(records: list[dict], stats: dict, out: Path, push_to_hub: str | None) -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_list(records)
+    with atomic_dir(out / "dataset") as tmp:
+        ds.save_to_disk(str(tmp))
+    atomic_write_json(out / "stats.json", stats)
+    if push_to_hub:
+        ds.push_to_hub(push_to_hub)
+
+
+def load_set(run_dir: Path, tokenizer) -> tuple[list[dict], dict]:
+    """The generated set and its stats, checked against the policy's tokenizer."""
+    import datasets
+
+    out = Path(run_dir) / "generate"
+    if not (out / "stats.json").is_file():
+        raise DataError(f"{out}: no generated set; run `posttrain generate` first")
+    stats = json.loads((out / "stats.json").read_text())
+    if stats.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+        raise DataError(f"{out}: the generated set was made with another tokenizer "
+                        f"({stats.get('model')!r}); its token ids do not fit this policy. "
+                        "Generate it again with this model.")
+    records = datasets.load_from_disk(str(out / "dataset")).to_list()
+    if not any(len(r["completion_ids"]) for r in records):
+        raise DataError(f"{out}: no sample has any completion token; nothing to train on")
+    return records, stats

@@ -1,0 +1,103 @@
+"""The RL objective as pure tensor functions: no config, no model.
+
+Shapes: N = completion tokens in a batch (flattened), S = sequences (samples).
+Every reduction takes `mask` so padded positions change nothing.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] without materialising the full log-softmax.
+
+    logits: (N, V) any float dtype; targets: (N,) long -> (N,) float32
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)      # (N,)
+    return picked - torch.logsumexp(logits, dim=-1)                    # (N,)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over positions where mask is true. x, mask: same shape -> scalar."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / (std + eps) over the valid positions; invalid positions become 0.
+
+    x, mask: (N,) or any matching shape. std is the population std of the valid values.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return torch.where(mask.bool(), (x - mean) / (var.sqrt() + eps), torch.zeros_like(x))
+
+
+def per_token_advantages(rewards: torch.Tensor, token_seq: torch.Tensor, clamp: float = 3.0,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The seed's advantage: each token of sequence s gets reward_s / tokens_s, then the
+    batch's tokens are whitened together and clamped to [-clamp, clamp].
+
+    rewards: (S,) float; token_seq: (N,) long, the sequence each token belongs to -> (N,)
+    """
+    counts = torch.bincount(token_seq, minlength=rewards.shape[0]).clamp(min=1)   # (S,)
+    per_token = (rewards / counts)[token_seq]                                       # (N,)
+    mask = torch.ones_like(per_token, dtype=torch.bool) if mask is None else mask
+    return whiten(per_token, mask).clamp(-clamp, clamp)
+
+
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale_by_std: bool = False,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantage: reward minus the mean of its prompt's group, optionally
+    divided by the group's std. rewards: (S,); group: (S,) long group ids -> (S,)"""
+    n = int(group.max()) + 1
+    counts = torch.bincount(group, minlength=n).to(rewards.dtype).clamp(min=1)     # (G,)
+    mean = torch.zeros(n, dtype=rewards.dtype).index_add(0, group, rewards) / counts
+    centred = rewards - mean[group]                                                 # (S,)
+    if not scale_by_std:
+        return centred
+    var = torch.zeros(n, dtype=rewards.dtype).index_add(0, group, centred ** 2) / counts
+    return centred / (var.sqrt()[group] + eps)
+
+
+def kl_k3(logp_new: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(new || ref) estimate k3 = r - 1 - log r with r = p_ref / p_new.
+    Never negative; 0 where the two agree. (N,), (N,) -> (N,)"""
+    log_r = logp_ref - logp_new
+    return torch.expm1(log_r) - log_r
+
+
+def kl_k1(logp_new: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate k1 = log p_new - log p_ref (unbiased, can be negative)."""
+    return logp_new - logp_ref
+
+
+def clipped_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token: -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A).
+
+    logp_new, logp_old, adv: (N,) -> (loss (N,), ratio (N,), clipped (N,) bool)
+    """
+    ratio = torch.exp(logp_new - logp_old)                                          # (N,)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - eps, 1 + eps) * adv
+    return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped
+
+
+def best_of_n_kl(n: int) -> float:
+    """The KL of best-of-n sampling from a policy: log n - (n - 1) / n (0.432 for n = 3)."""
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def adaptive_beta(beta: float, kl: float, target: float, horizon: float, n_steps: int = 1,
+                  max_change: float = 0.2) -> float:
+    """Ziegler et al. (2019) proportional controller: raise beta when the measured KL is
+    above target, lower it below. error = clip(kl / target - 1, -max_change, max_change);
+    beta *= 1 + error * n_steps / horizon."""
+    error = max(-max_change, min(max_change, kl / target - 1.0))
+    return beta * (1.0 + error * n_steps / horizon)

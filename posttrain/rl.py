@@ -1,0 +1,187 @@
+"""The RL stage (offline, the seed's method): PPO-style updates on the generated set
+against the frozen SFT policy.
+
+The behaviour log-probabilities recorded at generation are pi_sft for those tokens, so the
+ratio's denominator and the KL reference need no second model and no second forward pass;
+the RL adapter starts at zero, so the ratio is 1 at step 0.
+
+Reads `<out_dir>/sft/adapter` and `<out_dir>/generate/`; writes `<out_dir>/rl/adapter`
+(the RL LoRA, applied on top of the SFT adapter) and `rl/summary.json`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain import checkpoint, modeling, objectives as O, rewards
+from posttrain.config import Config, write_config
+from posttrain.data import Example, collate
+from posttrain.generate import load_set, prompt_pool, sample_records
+from posttrain.io import atomic_write_json
+from posttrain.metrics import MetricsLogger
+from posttrain.sft import (TrainingError, build_optimizer, build_scheduler, setup_accelerator,
+                           to_device)
+
+
+def step_plan(n: int, cfg: Config) -> list[list[list[int]]]:
+    """Optimizer steps -> micro-batches -> sample indices, fixed by the seed."""
+    per_step = cfg.rl.batch_size * cfg.rl.grad_accum
+    order = []
+    for epoch in range(math.ceil(cfg.rl.epochs)):
+        order += torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    order = order[:int(round(cfg.rl.epochs * n))]
+    steps = [order[i:i + per_step] for i in range(0, len(order), per_step)]
+    steps = [[s[j:j + cfg.rl.batch_size] for j in range(0, len(s), cfg.rl.batch_size)] for s in steps]
+    return steps[:cfg.rl.max_steps] if cfg.rl.max_steps > 0 else steps
+
+
+class HeldOut:
+    """Fixed held-out prompts for watching the length spread during training."""
+
+    def __init__(self, cfg: Config, tokenizer):
+        texts, ids = prompt_pool(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg)
+        self.texts, self.ids = texts[:cfg.rl.eval_prompts], ids[:cfg.rl.eval_prompts]
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    @torch.no_grad()
+    def lengths(self, model, device, dtype) -> dict:
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator(device=device).manual_seed(self.cfg.seed + 7)
+        records = []
+        for s in range(0, len(self.ids), self.cfg.generate.batch_size):
+            with modeling.autocast(device, dtype):
+                records += sample_records(
+                    model, self.tokenizer, self.texts[s:s + self.cfg.generate.batch_size],
+                    self.ids[s:s + self.cfg.generate.batch_size],
+                    self.cfg.rl.eval_samples_per_prompt, self.cfg.generate.max_new_tokens, gen,
+                    self.cfg.generate.temperature, self.cfg.generate.top_p)
+        model.train(was_training)
+        chars = [r["length_chars"] for r in records]
+        return {"eval_len_mean": statistics.fmean(chars), "eval_len_std": statistics.pstdev(chars),
+                "eval_eos_rate": sum(r["ended_with_eos"] for r in records) / len(records)}
+
+
+def micro_batch(records: list[dict], idx: list[int], pad_id: int, device):
+    """Whole completions with their own prompts, and the behaviour log-probs, flattened."""
+    batch = collate([Example(tuple(records[i]["prompt_ids"]), tuple(records[i]["completion_ids"]))
+                     for i in idx], pad_id)
+    old = torch.tensor([lp for i in idx for lp in records[i]["logprobs"]])       # (N,)
+    return to_device(batch, device), old.to(device)
+
+
+def run(cfg: Config) -> dict:
+    out = cfg.run_dir / "rl"
+    if (out / "summary.json").is_file() and (out / "adapter").is_dir():
+        print(f"rl: already finished in {out} (delete it to train again)")
+        return json.loads((out / "summary.json").read_text())
+    write_config(cfg, cfg.run_dir)
+    torch.manual_seed(cfg.seed)
+    acc, dtype = setup_accelerator(cfg)
+    tokenizer = modeling.load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter"))
+    records, stats = load_set(cfg.run_dir, tokenizer)
+    unit = "length_" + cfg.reward.unit
+    set_stats = rewards.LengthStats(stats[unit]["mean"], stats[unit]["std"])
+    reward_all = rewards.compute(torch.tensor([r[unit] for r in records]), set_stats, cfg.reward)
+    held_out = HeldOut(cfg, tokenizer)
+
+    # The policy: base + frozen SFT adapter + fresh RL adapter (B = 0: equal to SFT).
+    model = modeling.load_policy(cfg, acc.device, cfg.run_dir / "sft" / "adapter", rl="new")
+    plan = step_plan(len(records), cfg)
+    optimizer = build_optimizer(model, cfg.rl)
+    scheduler = build_scheduler(optimizer, cfg.rl, len(plan))
+    model, optimizer = acc.prepare(model, optimizer)
+    ckpt_dir = out / "checkpoints"
+    step, extra = 0, {"beta": cfg.rl.beta}
+    if (last := checkpoint.latest(ckpt_dir)) is not None:
+        step, extra = checkpoint.load(last, acc.unwrap_model(model), optimizer, scheduler,
+                                      adapter=modeling.RL)
+        print(f"rl: resuming from {last} (step {step} of {len(plan)})")
+    metrics = MetricsLogger(cfg.run_dir, "rl", enabled=acc.is_main_process)
+    if "eval_before" not in extra:
+        extra["eval_before"] = held_out.lengths(model, acc.device, dtype)
+        metrics.log(0, **extra["eval_before"])
+    target = O.best_of_n_kl(cfg.rl.best_of_n)
+
+    model.train()
+    bar = tqdm(total=len(plan), initial=step, desc="rl", disable=not acc.is_main_process)
+    while step < len(plan):
+        t0 = time.perf_counter()
+        # 1. batch: this step's samples; advantages whitened over all of the step's tokens
+        micro = plan[step]
+        flat = [i for mb in micro for i in mb]
+        lengths = torch.tensor([len(records[i]["completion_ids"]) for i in flat])
+        token_seq = torch.repeat_interleave(torch.arange(len(flat)), lengths)
+        adv_all = O.per_token_advantages(reward_all[flat], token_seq, cfg.rl.adv_clamp)
+        n_tokens, offset = int(lengths.sum()), 0
+        sums = dict(loss=0.0, policy_loss=0.0, kl=0.0, kl_k1=0.0, clipped=0.0, ratio=0.0)
+        ratio_max = 0.0
+        for idx in micro:
+            batch, old = micro_batch(records, idx, tokenizer.pad_token_id, acc.device)
+            adv = adv_all[offset:offset + len(old)].to(acc.device)
+            offset += len(old)
+            # 2. log-probs of the sampled tokens under the current policy
+            with acc.autocast():
+                new = O.gather_logprobs(modeling.completion_logits(model, batch), batch.targets)
+            # 3. clipped policy loss + beta * k3 KL to SFT, summed over tokens / step tokens
+            pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+            kl = O.kl_k3(new, old)
+            loss = (pl + extra["beta"] * kl).sum() / n_tokens
+            if not torch.isfinite(loss):
+                raise TrainingError(f"rl: non-finite loss at step {step + 1}; the last good "
+                                    f"checkpoint is {checkpoint.latest(ckpt_dir)}")
+            acc.backward(loss)
+            for k, v in (("loss", pl + extra["beta"] * kl), ("policy_loss", pl), ("kl", kl),
+                         ("kl_k1", O.kl_k1(new, old)), ("clipped", clipped.float())):
+                sums[k] += v.detach().sum().item()
+            sums["ratio"] += ratio.detach().sum().item()
+            ratio_max = max(ratio_max, ratio.detach().max().item())
+        # 4. clip gradients and step
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.rl.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        # 5. beta: fixed, or steered toward the best-of-N KL target
+        m = {k: v / n_tokens for k, v in sums.items()}
+        beta_used = extra["beta"]
+        if cfg.rl.kl_control == "adaptive":
+            extra["beta"] = O.adaptive_beta(extra["beta"], m["kl"], target, cfg.rl.kl_horizon)
+        # 6. log, evaluate, checkpoint
+        dt = time.perf_counter() - t0
+        row = dict(loss=m["loss"], policy_loss=m["policy_loss"], kl=m["kl"], kl_k1=m["kl_k1"],
+                   beta=beta_used, kl_target=target, clip_frac=m["clipped"], ratio_mean=m["ratio"],
+                   ratio_max=ratio_max, adv_mean=adv_all.mean().item(), adv_std=adv_all.std().item(),
+                   reward_mean=reward_all[flat].mean().item(), lr=lr, grad_norm=float(grad_norm),
+                   tokens_per_s=(n_tokens + sum(len(records[i]["prompt_ids"]) for i in flat)) / dt)
+        if cfg.rl.eval_every and step % cfg.rl.eval_every == 0 and step < len(plan):
+            row.update(held_out.lengths(model, acc.device, dtype))
+        metrics.log(step, **row)
+        bar.set_postfix(kl=f"{m['kl']:.3f}", ratio=f"{m['ratio']:.3f}", beta=f"{beta_used:.3g}")
+        bar.update(1)
+        if cfg.rl.checkpoint_every and step % cfg.rl.checkpoint_every == 0 and step < len(plan):
+            if acc.is_main_process:
+                checkpoint.save(ckpt_dir, step, acc.unwrap_model(model), optimizer, scheduler,
+                                extra, keep=cfg.rl.keep_checkpoints, adapter=modeling.RL)
+    bar.close()
+
+    after = held_out.lengths(model, acc.device, dtype)
+    metrics.log(step, **after)
+    metrics.close()
+    summary = {"steps": step, "samples": len(records), "beta_final": extra["beta"],
+               "kl_target": target, "eval_before": extra["eval_before"], "eval_after": after}
+    if acc.is_main_process:
+        modeling.save_adapter(acc.unwrap_model(model), tokenizer, out / "adapter", modeling.RL)
+        atomic_write_json(out / "summary.json", summary)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    print(f"rl: held-out length {extra['eval_before']['eval_len_mean']:.1f} ± "
+          f"{extra['eval_before']['eval_len_std']:.1f} -> {after['eval_len_mean']:.1f} ± "
+          f"{after['eval_len_std']:.1f} chars; adapter in {out / 'adapter'}")
+    return summary

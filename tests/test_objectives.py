@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+
+from posttrain import objectives as O
+
+
+def test_gather_logprobs_matches_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 11)
+    targets = torch.tensor([0, 3, 10, 2, 2])
+    expected = torch.log_softmax(logits, -1)[torch.arange(5), targets]
+    torch.testing.assert_close(O.gather_logprobs(logits, targets), expected)
+    torch.testing.assert_close(O.gather_logprobs(logits.bfloat16(), targets),
+                               torch.log_softmax(logits.bfloat16().float(), -1)[torch.arange(5), targets])
+
+
+def test_ratio_one_gives_minus_mean_advantage():
+    lp = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    loss, ratio, clipped = O.clipped_policy_loss(lp, lp, adv, eps=0.3)
+    assert torch.equal(ratio, torch.ones(4))
+    assert O.masked_mean(loss, torch.ones(4, dtype=torch.bool)).item() == pytest.approx(-adv.mean().item())
+    assert not clipped.any()
+
+
+def test_clipping_starts_beyond_eps():
+    eps = 0.3
+    adv = torch.tensor([1.0])
+    old = torch.tensor([0.0])
+
+    def loss_at(ratio):
+        loss, _, clipped = O.clipped_policy_loss(torch.log(torch.tensor([ratio])), old, adv, eps)
+        return loss.item(), bool(clipped.item())
+
+    assert loss_at(1.29) == (pytest.approx(-1.29), False)   # inside: follows the ratio
+    assert loss_at(1.5) == (pytest.approx(-1.3), True)      # beyond 1 + eps: held at 1.3
+    # a negative advantage is clipped below 1 - eps
+    loss, _, clipped = O.clipped_policy_loss(torch.log(torch.tensor([0.5])), old,
+                                             torch.tensor([-1.0]), eps)
+    assert loss.item() == pytest.approx(0.7) and clipped.item()
+    # gradient is zero once clipped
+    lp = torch.log(torch.tensor([1.5])).requires_grad_()
+    O.clipped_policy_loss(lp, old, adv, eps)[0].sum().backward()
+    assert lp.grad.item() == 0.0
+
+
+def test_padding_changes_nothing():
+    lp_new = torch.tensor([-1.0, -2.0, -0.5, 9.0, 9.0])
+    lp_old = torch.tensor([-1.1, -1.9, -0.7, -50.0, 3.0])
+    adv = torch.tensor([0.5, -1.0, 2.0, 100.0, -100.0])
+    mask = torch.tensor([1, 1, 1, 0, 0], dtype=torch.bool)
+    loss, _, _ = O.clipped_policy_loss(lp_new, lp_old, adv, 0.3)
+    kl = O.kl_k3(lp_new, lp_old)
+    short_loss, _, _ = O.clipped_policy_loss(lp_new[:3], lp_old[:3], adv[:3], 0.3)
+    assert O.masked_mean(loss, mask) == pytest.approx(short_loss.mean().item())
+    assert O.masked_mean(kl, mask) == pytest.approx(O.kl_k3(lp_new[:3], lp_old[:3]).mean().item())
+
+
+def test_k3_kl_is_zero_when_equal_and_never_negative():
+    torch.manual_seed(0)
+    a = torch.randn(1000) - 2
+    assert torch.equal(O.kl_k3(a, a), torch.zeros(1000))
+    b = a + torch.randn(1000) * 3
+    assert (O.kl_k3(a, b) >= 0).all()
+    # hand value: r = e^1 -> e - 1 - 1
+    assert O.kl_k3(torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(math.e - 2)
+    assert O.kl_k1(torch.tensor([-1.0]), torch.tensor([-1.5])).item() == pytest.approx(0.5)
+
+
+def test_whitening_gives_mean_zero_std_one_over_valid_tokens():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 1000.0])
+    mask = torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool)
+    w = O.whiten(x, mask)
+    assert w[4] == 0
+    assert w[:4].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert w[:4].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_per_token_advantage_is_reward_over_tokens_whitened_and_clamped():
+    rewards = torch.tensor([1.0, -1.0])
+    token_seq = torch.tensor([0, 0, 1, 1, 1, 1])     # 2 tokens, then 4 tokens
+    adv = O.per_token_advantages(rewards, token_seq)
+    raw = torch.tensor([0.5, 0.5, -0.25, -0.25, -0.25, -0.25])
+    expected = (raw - raw.mean()) / raw.std(unbiased=False)
+    torch.testing.assert_close(adv, expected)
+    # one outlier among many: clamped at 3
+    rewards = torch.tensor([100.0] + [0.0] * 99)
+    adv = O.per_token_advantages(rewards, torch.arange(100))
+    assert adv.max().item() == 3.0
+
+
+def test_group_advantages_on_hand_made_groups():
+    rewards = torch.tensor([1.0, 3.0, 0.0, 0.0, 6.0])
+    group = torch.tensor([0, 0, 1, 1, 1])
+    torch.testing.assert_close(O.group_advantages(rewards, group),
+                               torch.tensor([-1.0, 1.0, -2.0, -2.0, 4.0]))
+    scaled = O.group_advantages(rewards, group, scale_by_std=True)
+    # group 0: std 1; group 1: std sqrt(8)
+    torch.testing.assert_close(scaled, torch.tensor([-1.0, 1.0, -2 / 8 ** .5, -2 / 8 ** .5, 4 / 8 ** .5]),
+                               rtol=1e-4, atol=1e-4)
+    # a group whose rewards are all equal has zero advantage
+    assert O.group_advantages(torch.tensor([2.0, 2.0]), torch.tensor([0, 0]), True).abs().max() < 1e-6
+
+
+def test_best_of_n_target():
+    assert O.best_of_n_kl(3) == pytest.approx(0.432, abs=1e-3)
+    assert O.best_of_n_kl(1) == 0.0
+
+
+def test_controller_raises_beta_above_target_and_lowers_it_below():
+    assert O.adaptive_beta(0.1, kl=1.0, target=0.4, horizon=100) > 0.1
+    assert O.adaptive_beta(0.1, kl=0.1, target=0.4, horizon=100) < 0.1
+    assert O.adaptive_beta(0.1, kl=0.4, target=0.4, horizon=100) == pytest.approx(0.1)
+    # the step is bounded by max_change / horizon
+    assert O.adaptive_beta(0.1, kl=100.0, target=0.4, horizon=10) == pytest.approx(0.1 * 1.02)

@@ -1,0 +1,140 @@
+"""generate + rl on the tiny model: stored log-probs are pi_sft, the ratio is 1 at step 0,
+only the RL adapter trains, resume, and bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain import generate, modeling, objectives as O, rl, sft
+from posttrain.data import DataError, Example, collate
+
+RL_ARGS = ("generate.num_samples=24", "generate.samples_per_prompt=4", "generate.batch_size=3",
+           "generate.max_new_tokens=12", "rl.batch_size=4", "rl.grad_accum=2", "rl.max_lr=1e-2",
+           "rl.min_lr=1e-3", "rl.warmup_ratio=0", "rl.eval_prompts=3", "rl.eval_every=2",
+           "rl.checkpoint_every=1", "data.max_prompt_tokens=1024")
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_model_dir):
+    from posttrain.config import load_config
+    root = tmp_path_factory.mktemp("sftrun")
+    cfg = load_config(None, (f"out_dir={root / 'run'}", f"model.name={tiny_model_dir}",
+                             "model.precision=fp32", "lora.rank=4", "lora.alpha=8",
+                             "data.max_train_rows=8", "data.max_eval_rows=4", "sft.max_steps=2",
+                             "data.max_prompt_tokens=1024"))
+    sft.run(cfg)
+    return root / "run"
+
+
+@pytest.fixture
+def run_cfg(sft_run, tiny_cfg, tmp_path):
+    def make(*overrides):
+        cfg = tiny_cfg(*RL_ARGS, *overrides)
+        if not (cfg.run_dir / "sft").exists():
+            shutil.copytree(sft_run / "sft", cfg.run_dir / "sft")
+        return cfg
+    return make
+
+
+def test_generate_stores_pi_sft_logprobs_and_scores(run_cfg):
+    cfg = run_cfg()
+    stats = generate.run(cfg)
+    records, loaded = generate.load_set(cfg.run_dir, modeling.load_tokenizer(cfg.model))
+    assert len(records) == 24 and loaded == stats
+    for key in ("prompt", "completion", "completion_ids", "logprobs", "ended_with_eos",
+                "truncated", "length_chars", "length_tokens", "score"):
+        assert key in records[0]
+    assert sum(r["score"] for r in records) == pytest.approx(0.0, abs=1e-6)
+    assert stats["length_chars"]["var"] == pytest.approx(stats["length_chars"]["std"] ** 2)
+    assert all(len(r["logprobs"]) == len(r["completion_ids"]) <= 12 for r in records)
+    # recompute the log-probs once with a plain forward pass of the SFT policy
+    model = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
+    batch = collate([Example(tuple(r["prompt_ids"]), tuple(r["completion_ids"])) for r in records[:6]],
+                    modeling.load_tokenizer(cfg.model).pad_token_id)
+    with torch.no_grad():
+        lp = O.gather_logprobs(modeling.completion_logits(model, batch), batch.targets)
+    stored = torch.tensor([x for r in records[:6] for x in r["logprobs"]])
+    torch.testing.assert_close(lp, stored, rtol=1e-4, atol=1e-4)
+    # a second call finds the finished set
+    assert generate.run(cfg) == stats
+
+
+def test_rl_ratio_is_one_at_step_zero_and_only_rl_adapter_trains(run_cfg):
+    cfg = run_cfg("rl.kl_control=adaptive")
+    generate.run(cfg)
+    summary = rl.run(cfg)
+    rows = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["stage"] == "rl" and "ratio_mean" in r]
+    assert len(steps) == summary["steps"] == 3
+    assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[0]["clip_frac"] == 0.0
+    assert all(r["kl"] >= 0 for r in steps)
+    assert steps[1]["ratio_mean"] != pytest.approx(1.0, abs=1e-6)       # the policy moved
+    # the KL is far below the target at first, so the adaptive controller lowers beta
+    assert steps[1]["beta"] < steps[0]["beta"] == cfg.rl.beta
+    assert any("eval_len_std" in r for r in rows if r["stage"] == "rl")
+    rl_weights = load_file(str(cfg.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in rl_weights.items() if "lora_B" in k)
+    # the SFT adapter is untouched: the RL policy with its adapter disabled is the SFT model
+    policy = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter",
+                                  rl=cfg.run_dir / "rl" / "adapter").eval()
+    plain = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
+    x = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad(), modeling.sft_only(policy):
+        torch.testing.assert_close(policy(input_ids=x).logits, plain(input_ids=x).logits)
+    with torch.no_grad():
+        assert (policy(input_ids=x).logits - plain(input_ids=x).logits).abs().max() > 1e-4
+
+
+def test_rl_resume_matches_uninterrupted(run_cfg, tmp_path, monkeypatch):
+    ref = run_cfg()
+    generate.run(ref)
+    rl.run(ref)
+    ref_w = load_file(str(ref.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
+
+    cfg = run_cfg(f"out_dir={tmp_path / 'second'}")
+    shutil.copytree(ref.run_dir / "generate", cfg.run_dir / "generate")
+    real_save = rl.checkpoint.save
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl.checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        rl.run(cfg)
+    monkeypatch.setattr(rl.checkpoint, "save", real_save)
+    rl.run(cfg)
+    w = load_file(str(cfg.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6)
+
+
+def test_rl_bad_inputs(run_cfg, tmp_path, monkeypatch):
+    cfg = run_cfg()
+    with pytest.raises(DataError, match="no generated set"):
+        rl.run(cfg)
+    generate.run(cfg)
+    stats_path = cfg.run_dir / "generate" / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats_path.write_text(json.dumps(dict(stats, tokenizer="0123456789abcdef")))
+    with pytest.raises(DataError, match="another tokenizer"):
+        rl.run(cfg)
+    stats_path.write_text(json.dumps(stats))
+    # a NaN loss stops with the step and keeps the last good checkpoint
+    real = O.clipped_policy_loss
+    calls = {"n": 0}
+
+    def nan_later(*a, **k):
+        calls["n"] += 1
+        loss, ratio, clipped = real(*a, **k)
+        return (loss * float("nan") if calls["n"] > 2 else loss), ratio, clipped
+
+    monkeypatch.setattr(O, "clipped_policy_loss", nan_later)
+    with pytest.raises(sft.TrainingError, match=r"non-finite loss at step 2.*step_1"):
+        rl.run(cfg)
+    assert (cfg.run_dir / "rl" / "checkpoints" / "step_1" / "state.pt").is_file()
+    assert not (cfg.run_dir / "rl" / "adapter").exists()
