@@ -226,7 +226,7 @@ class RLConfig:
     max_steps: int = -1
     """Stop after this many optimizer steps; -1 means run `epochs`."""
     batch_size: int = 8
-    """Samples per micro-batch."""
+    """Samples per micro-batch, rounded down to whole prompt groups (at least one group)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step. Advantages are whitened over one step's samples."""
     max_lr: float = 3e-5
@@ -239,6 +239,9 @@ class RLConfig:
     """AdamW weight decay on >= 2-D parameters."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables."""
+    share_prompt: bool = True
+    """Run each prompt once for all its samples in a training step (exact: gradients flow
+    through the shared cache). false runs every sample with its own copy of the prompt."""
     clip_eps: float = 0.3
     """PPO clip range epsilon: the ratio is clipped to [1 - eps, 1 + eps]."""
     adv_clamp: float = 3.0

@@ -1,7 +1,8 @@
 """The generation stage: sample completions from the SFT policy and store them for RL.
 
 Reads `<out_dir>/sft/adapter`; writes `<out_dir>/generate/`:
-  dataset/      a `datasets` folder, one row per sample: prompt, prompt_ids, completion,
+  dataset/      a `datasets` folder, one row per sample: group (the prompt draw it came
+                from; its samples_per_prompt samples share it), prompt, prompt_ids, completion,
                 completion_ids (EOS included when sampled), logprobs (the SFT policy's, per
                 completion token), ended_with_eos, truncated, length_chars, length_tokens,
                 score (z-score of -length_chars over the whole set)
@@ -59,7 +60,7 @@ def sample_records(model, tokenizer, texts: list[str], prompts: list[list[int]],
         body = s.token_ids[:-1] if s.ended_with_eos else s.token_ids
         text = tokenizer.decode(body, skip_special_tokens=True)
         records.append({
-            "prompt": texts[s.prompt_index], "prompt_ids": list(prompts[s.prompt_index]),
+            "group": s.prompt_index, "prompt": texts[s.prompt_index], "prompt_ids": list(prompts[s.prompt_index]),
             "completion": text, "completion_ids": list(s.token_ids),
             "logprobs": list(s.logprobs), "ended_with_eos": s.ended_with_eos,
             "truncated": not s.ended_with_eos, "length_chars": len(text.strip()),
@@ -113,6 +114,8 @@ def run(cfg: Config) -> dict:
             records = sample_records(model, tokenizer, [texts[i] for i in idx],
                                      [prompts[i] for i in idx], g.samples_per_prompt,
                                      g.max_new_tokens, gen, g.temperature, g.top_p)
+        for r in records:  # group ids run over the whole set: one per prompt draw
+            r["group"] += b * g.batch_size
         atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in records))
         new_tokens += sum(len(r["completion_ids"]) for r in records)
         bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")

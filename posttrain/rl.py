@@ -29,15 +29,21 @@ from posttrain.sft import (TrainingError, build_optimizer, build_scheduler, setu
                            to_device)
 
 
-def step_plan(n: int, cfg: Config) -> list[list[list[int]]]:
-    """Optimizer steps -> micro-batches -> sample indices, fixed by the seed."""
-    per_step = cfg.rl.batch_size * cfg.rl.grad_accum
+def step_plan(records: list[dict], cfg: Config) -> list[list[list[list[int]]]]:
+    """Optimizer steps -> micro-batches -> prompt groups -> sample indices, fixed by the
+    seed. A micro-batch holds rl.batch_size samples, rounded down to whole prompt groups."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r["group"], []).append(i)
+    groups_list = list(groups.values())
+    per_micro = max(1, cfg.rl.batch_size // len(groups_list[0]))
     order = []
     for epoch in range(math.ceil(cfg.rl.epochs)):
-        order += torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    order = order[:int(round(cfg.rl.epochs * n))]
-    steps = [order[i:i + per_step] for i in range(0, len(order), per_step)]
-    steps = [[s[j:j + cfg.rl.batch_size] for j in range(0, len(s), cfg.rl.batch_size)] for s in steps]
+        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        order += torch.randperm(len(groups_list), generator=gen).tolist()
+    order = [groups_list[i] for i in order[:int(round(cfg.rl.epochs * len(groups_list)))]]
+    micro = [order[i:i + per_micro] for i in range(0, len(order), per_micro)]
+    steps = [micro[i:i + cfg.rl.grad_accum] for i in range(0, len(micro), cfg.rl.grad_accum)]
     return steps[:cfg.rl.max_steps] if cfg.rl.max_steps > 0 else steps
 
 
@@ -68,12 +74,22 @@ class HeldOut:
                 "eval_eos_rate": sum(r["ended_with_eos"] for r in records) / len(records)}
 
 
-def micro_batch(records: list[dict], idx: list[int], pad_id: int, device):
-    """Whole completions with their own prompts, and the behaviour log-probs, flattened."""
-    batch = collate([Example(tuple(records[i]["prompt_ids"]), tuple(records[i]["completion_ids"]))
-                     for i in idx], pad_id)
-    old = torch.tensor([lp for i in idx for lp in records[i]["logprobs"]])       # (N,)
-    return to_device(batch, device), old.to(device)
+def policy_logprobs(model, records: list[dict], groups: list[list[int]], pad_id: int, device,
+                    share_prompt: bool) -> torch.Tensor:
+    """log pi(token) (N,) of every completion token of the micro-batch's samples, in order:
+    each prompt once for its group (share_prompt), or each sample with its own prompt."""
+    if share_prompt:
+        logits = modeling.grouped_completion_logits(
+            model, [records[g[0]]["prompt_ids"] for g in groups],
+            [[records[i]["completion_ids"] for i in g] for g in groups], pad_id, device)
+    else:
+        batch = to_device(collate([Example(tuple(records[i]["prompt_ids"]),
+                                           tuple(records[i]["completion_ids"]))
+                                   for g in groups for i in g], pad_id), device)
+        logits = modeling.completion_logits(model, batch)
+    targets = torch.tensor([t for g in groups for i in g for t in records[i]["completion_ids"]],
+                           device=device)
+    return O.gather_logprobs(logits, targets)
 
 
 def run(cfg: Config) -> dict:
@@ -93,7 +109,7 @@ def run(cfg: Config) -> dict:
 
     # The policy: base + frozen SFT adapter + fresh RL adapter (B = 0: equal to SFT).
     model = modeling.load_policy(cfg, acc.device, cfg.run_dir / "sft" / "adapter", rl="new")
-    plan = step_plan(len(records), cfg)
+    plan = step_plan(records, cfg)
     optimizer = build_optimizer(model, cfg.rl)
     scheduler = build_scheduler(optimizer, cfg.rl, len(plan))
     model, optimizer = acc.prepare(model, optimizer)
@@ -115,20 +131,22 @@ def run(cfg: Config) -> dict:
         t0 = time.perf_counter()
         # 1. batch: this step's samples; advantages whitened over all of the step's tokens
         micro = plan[step]
-        flat = [i for mb in micro for i in mb]
+        flat = [i for mb in micro for g in mb for i in g]
         lengths = torch.tensor([len(records[i]["completion_ids"]) for i in flat])
         token_seq = torch.repeat_interleave(torch.arange(len(flat)), lengths)
         adv_all = O.per_token_advantages(reward_all[flat], token_seq, cfg.rl.adv_clamp)
         n_tokens, offset = int(lengths.sum()), 0
         sums = dict(loss=0.0, policy_loss=0.0, kl=0.0, kl_k1=0.0, clipped=0.0, ratio=0.0)
         ratio_max = 0.0
-        for idx in micro:
-            batch, old = micro_batch(records, idx, tokenizer.pad_token_id, acc.device)
+        for groups in micro:
+            old = torch.tensor([lp for g in groups for i in g for lp in records[i]["logprobs"]],
+                               device=acc.device)                                   # (N,)
             adv = adv_all[offset:offset + len(old)].to(acc.device)
             offset += len(old)
             # 2. log-probs of the sampled tokens under the current policy
             with acc.autocast():
-                new = O.gather_logprobs(modeling.completion_logits(model, batch), batch.targets)
+                new = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
+                                      acc.device, cfg.rl.share_prompt)
             # 3. clipped policy loss + beta * k3 KL to SFT, summed over tokens / step tokens
             pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
             kl = O.kl_k3(new, old)

@@ -138,3 +138,22 @@ def test_rl_bad_inputs(run_cfg, tmp_path, monkeypatch):
         rl.run(cfg)
     assert (cfg.run_dir / "rl" / "checkpoints" / "step_1" / "state.pt").is_file()
     assert not (cfg.run_dir / "rl" / "adapter").exists()
+
+
+def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir):
+    """Each prompt run once for its group gives the log-probs and gradients of running every
+    sample with its own copy of the prompt."""
+    from posttrain.config import ModelConfig
+    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
+    params = [p.requires_grad_() for p in model.parameters()]
+    records = [{"prompt_ids": p, "completion_ids": c} for p, c in (
+        ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
+        ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]))]
+    groups = [[0, 1], [2, 3]]
+    out = {}
+    for share in (True, False):
+        lp = rl.policy_logprobs(model, records, groups, 0, torch.device("cpu"), share)
+        out[share] = (lp.detach(), torch.autograd.grad(lp.sum(), params))
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
