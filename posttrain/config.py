@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import os
-import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional
@@ -122,7 +120,8 @@ class SFTConfig:
     epochs: float = 1.0
     """Passes over the training rows (fractions allowed)."""
     max_steps: int = -1
-    """Stop after this many optimizer steps; -1 means run `epochs`."""
+    """Stop after at most this many optimizer steps (the schedule is laid out over them);
+    -1 means run `epochs`."""
     batch_size: int = 4
     """Examples per micro-batch."""
     grad_accum: int = 1
@@ -273,7 +272,12 @@ class RLConfig:
                      "best_of_n", "kl_horizon", "eval_prompts", "eval_samples_per_prompt",
                      "keep_checkpoints"):
             _positive(getattr(self, name), f"rl.{name}")
-        _positive(self.beta, "rl.beta", allow_zero=True)
+        _positive(self.beta, "rl.beta", allow_zero=self.kl_control == "fixed")
+        _positive(self.max_lr, "rl.max_lr")
+        if not 0 < self.clip_eps < 1:
+            raise ConfigError(f"rl.clip_eps={self.clip_eps!r} must be in (0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"rl.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         _positive(self.eval_every, "rl.eval_every", allow_zero=True)
         _positive(self.checkpoint_every, "rl.checkpoint_every", allow_zero=True)
         if self.min_lr > self.max_lr:
@@ -352,13 +356,16 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def write_config(cfg: Config, run_dir: Path) -> Path:
-    """Write the resolved config as `config.yaml` into the run directory (atomically)."""
+def write_config(cfg: Config, stage: Optional[str] = None) -> Path:
+    """Write the resolved config as `config.yaml` into the run directory (atomically), and a
+    copy into the stage's folder, so each stage's outputs keep the config that made them."""
     from posttrain.io import atomic_write_text
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    atomic_write_text(path, to_yaml(cfg))
+    text = to_yaml(cfg)
+    path = cfg.run_dir / "config.yaml"
+    atomic_write_text(path, text)
+    if stage is not None:
+        atomic_write_text(cfg.run_dir / stage / "config.yaml", text)
     return path
 
 

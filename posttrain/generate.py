@@ -87,7 +87,7 @@ def run(cfg: Config) -> dict:
         print(f"generate: already finished in {out} (delete it to generate again)")
         return json.loads((out / "stats.json").read_text())
     g = cfg.generate
-    write_config(cfg, cfg.run_dir)
+    write_config(cfg, "generate")
     device = modeling.resolve_device(cfg.model)
     dtype = modeling.compute_dtype(cfg.model, device)
     tokenizer = modeling.load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter")
@@ -129,6 +129,7 @@ def run(cfg: Config) -> dict:
     for r in records:
         r["score"] = (mean - r["length_chars"]) / std if std > 0 else 0.0
     stats.update(tokenizer=tokenizer_fingerprint(tokenizer), model=cfg.model.name,
+                 temperature=g.temperature, top_p=g.top_p,
                  samples_per_prompt=g.samples_per_prompt, distinct_prompts=len(set(draws)),
                  seconds=round(time.perf_counter() - t0, 1),
                  new_tokens_per_s=round(new_tokens / max(time.perf_counter() - t0, 1e-9), 1))
@@ -163,7 +164,22 @@ def load_set(run_dir: Path, tokenizer) -> tuple[list[dict], dict]:
         raise DataError(f"{out}: the generated set was made with another tokenizer "
                         f"({stats.get('model')!r}); its token ids do not fit this policy. "
                         "Generate it again with this model.")
-    records = datasets.load_from_disk(str(out / "dataset")).to_list()
-    if not any(len(r["completion_ids"]) for r in records):
+    if stats.get("temperature", 1.0) != 1.0 or stats.get("top_p", 1.0) != 1.0:
+        raise DataError(f"{out}: sampled with generate.temperature={stats.get('temperature')} "
+                        f"and generate.top_p={stats.get('top_p')}; the stored log-probs are the "
+                        "policy's at temperature 1, so offline RL needs both at 1")
+    try:
+        records = datasets.load_from_disk(str(out / "dataset")).to_list()
+    except Exception as e:
+        raise DataError(f"{out / 'dataset'}: cannot read the generated set ({e})") from e
+    if not records or not any(len(r["completion_ids"]) for r in records):
         raise DataError(f"{out}: no sample has any completion token; nothing to train on")
+    sizes = {}
+    for i, r in enumerate(records):
+        if not r["completion_ids"] or len(r["logprobs"]) != len(r["completion_ids"]):
+            raise DataError(f"{out}: row {i}: empty completion_ids, or logprobs of another "
+                            "length; regenerate the set")
+        sizes[r["group"]] = sizes.get(r["group"], 0) + 1
+    if len(set(sizes.values())) > 1:
+        raise DataError(f"{out}: prompt groups of unequal size {sorted(set(sizes.values()))}")
     return records, stats

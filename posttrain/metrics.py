@@ -11,7 +11,10 @@ from pathlib import Path
 class MetricsLogger:
     """Append one JSON object per call to `<run_dir>/metrics.jsonl` (flushed every line)."""
 
-    def __init__(self, run_dir: Path, stage: str, enabled: bool = True):
+    def __init__(self, run_dir: Path, stage: str, enabled: bool = True,
+                 resume_step: int | None = None):
+        """resume_step: this stage restarts after that step; its rows logged beyond it by the
+        interrupted run are dropped so every step appears once."""
         self.stage = stage
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -19,6 +22,11 @@ class MetricsLogger:
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.exists():
+                from posttrain.io import atomic_write_text
+                keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                        if line.strip() and not _beyond(json.loads(line), stage, resume_step)]
+                atomic_write_text(self.path, "".join(line + "\n" for line in keep))
             self._file = open(self.path, "a", encoding="utf-8")
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -43,6 +51,10 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _beyond(row: dict, stage: str, step: int) -> bool:
+    return row.get("stage") == stage and row.get("step", 0) > step
 
 
 def read_metrics(run_dir: Path, stage: str | None = None) -> list[dict]:

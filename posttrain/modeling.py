@@ -122,8 +122,12 @@ def resolve_model_path(cfg: ModelConfig) -> str:
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path or resolve_model_path(cfg), revision=cfg.revision,
-                                        trust_remote_code=cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path or resolve_model_path(cfg), revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load the tokenizer of model.name={cfg.name!r}: "
+                         f"{str(e).splitlines()[0]}") from e
     if tok.eos_token_id is None:
         raise ModelError(f"tokenizer of {cfg.name} has no EOS token; completions need one")
     if tok.pad_token_id is None:
@@ -143,8 +147,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device):
         kwargs.update(dtype=torch.float32)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg), **kwargs)
-    except OSError as e:
-        raise ModelError(f"could not load model {cfg.name!r}: {e}") from e
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load model.name={cfg.name!r}: {str(e).splitlines()[0]}") from e
     if not cfg.load_in_4bit:
         model.to(device)
     model.requires_grad_(False)
@@ -197,7 +201,8 @@ def load_adapter(model, path: Path, trainable: bool = False, name: str = "defaul
         raise ModelError(f"{path}: no adapter_config.json; not a saved adapter")
     saved = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
     ours = getattr(model.config, "name_or_path", None)
-    if saved and ours and Path(saved).name != Path(ours).name:
+    if saved and ours and saved != ours and not (Path(saved).is_dir() and Path(ours).is_dir()
+                                                 and Path(saved).name == Path(ours).name):
         raise ModelError(f"{path}: adapter was trained on {saved!r}, not on {ours!r}")
     return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
 
@@ -228,6 +233,12 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
         raise ModelError(f"{sft_dir}: no SFT adapter; run `posttrain sft` first")
     base = load_base_model(cfg.model, device)
     model = load_adapter(base, sft_dir, trainable=False, name=SFT)
+    # The SFT adapter is frozen: no dropout on it even in train mode, or pi_sft would be
+    # noisy in the ratio and the KL.
+    for module in model.modules():
+        dropout = getattr(module, "lora_dropout", None)
+        if isinstance(dropout, torch.nn.ModuleDict) and SFT in dropout:
+            dropout[SFT] = torch.nn.Identity()
     if rl is None:
         return model
     if rl == "new":

@@ -97,7 +97,7 @@ def run(cfg: Config) -> dict:
     if (out / "summary.json").is_file() and (out / "adapter").is_dir():
         print(f"rl: already finished in {out} (delete it to train again)")
         return json.loads((out / "summary.json").read_text())
-    write_config(cfg, cfg.run_dir)
+    write_config(cfg, "rl")
     torch.manual_seed(cfg.seed)
     acc, dtype = setup_accelerator(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter"))
@@ -119,7 +119,8 @@ def run(cfg: Config) -> dict:
         step, extra = checkpoint.load(last, acc.unwrap_model(model), optimizer, scheduler,
                                       adapter=modeling.RL)
         print(f"rl: resuming from {last} (step {step} of {len(plan)})")
-    metrics = MetricsLogger(cfg.run_dir, "rl", enabled=acc.is_main_process)
+    metrics = MetricsLogger(cfg.run_dir, "rl", enabled=acc.is_main_process,
+                            resume_step=step if last is not None else None)
     if "eval_before" not in extra:
         extra["eval_before"] = held_out.lengths(model, acc.device, dtype)
         metrics.log(0, **extra["eval_before"])
@@ -136,6 +137,9 @@ def run(cfg: Config) -> dict:
         token_seq = torch.repeat_interleave(torch.arange(len(flat)), lengths)
         adv_all = O.per_token_advantages(reward_all[flat], token_seq, cfg.rl.adv_clamp)
         n_tokens, offset = int(lengths.sum()), 0
+        # tokens the forward passes process: a shared prompt counts once for its group
+        prompt_tokens = sum(len(records[g[0]]["prompt_ids"]) * (1 if cfg.rl.share_prompt else len(g))
+                            for mb in micro for g in mb)
         sums = dict(loss=0.0, policy_loss=0.0, kl=0.0, kl_k1=0.0, clipped=0.0, ratio=0.0)
         ratio_max = 0.0
         for groups in micro:
@@ -178,7 +182,7 @@ def run(cfg: Config) -> dict:
                    beta=beta_used, kl_target=target, clip_frac=m["clipped"], ratio_mean=m["ratio"],
                    ratio_max=ratio_max, adv_mean=adv_all.mean().item(), adv_std=adv_all.std().item(),
                    reward_mean=reward_all[flat].mean().item(), lr=lr, grad_norm=float(grad_norm),
-                   tokens_per_s=(n_tokens + sum(len(records[i]["prompt_ids"]) for i in flat)) / dt)
+                   tokens_per_s=(n_tokens + prompt_tokens) / dt)
         if cfg.rl.eval_every and step % cfg.rl.eval_every == 0 and step < len(plan):
             row.update(held_out.lengths(model, acc.device, dtype))
         metrics.log(step, **row)

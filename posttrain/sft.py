@@ -123,7 +123,7 @@ def run(cfg: Config) -> dict:
         print(f"sft: already finished in {out} (delete it to train again)")
         return json.loads((out / "summary.json").read_text())
     rows = load_split_rows(cfg)
-    write_config(cfg, cfg.run_dir)
+    write_config(cfg, "sft")
     torch.manual_seed(cfg.seed)
     acc, dtype = setup_accelerator(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model)
@@ -148,7 +148,8 @@ def run(cfg: Config) -> dict:
     if "eval_loss_before" not in extra:
         extra["eval_loss_before"] = evaluate_loss(model, held_out, tokenizer,
                                                   cfg.sft.eval_batch_size, acc)
-    metrics = MetricsLogger(cfg.run_dir, "sft", enabled=acc.is_main_process)
+    metrics = MetricsLogger(cfg.run_dir, "sft", enabled=acc.is_main_process,
+                            resume_step=step if last is not None else None)
     if step == 0:
         metrics.log(0, eval_loss=extra["eval_loss_before"])
     extra.setdefault("train_seconds", 0.0)
@@ -160,19 +161,20 @@ def run(cfg: Config) -> dict:
         t0 = time.perf_counter()
         # 1. batch: this step's micro-batches, fixed by the plan
         chunk = plan[step * cfg.sft.grad_accum:(step + 1) * cfg.sft.grad_accum]
-        losses, tokens = [], 0
+        step_targets = sum(len(train[i].completion_ids) for ids in chunk for i in ids)
+        loss_sum, tokens = 0.0, 0
         for ids in chunk:
             batch = to_device(collate([train[i] for i in ids], tokenizer.pad_token_id,
                                       packed=cfg.sft.batching == "packed"), acc.device)
             # 2. loss on completion tokens only
             with acc.autocast():
-                loss = completion_loss(model, batch)
+                loss = completion_loss(model, batch, reduction="sum")
             if not torch.isfinite(loss):
                 raise TrainingError(f"sft: non-finite loss at step {step + 1}; the last good "
                                     f"checkpoint is {checkpoint.latest(ckpt_dir)}")
-            # 3. backward, averaged over the accumulated micro-batches
-            acc.backward(loss / len(chunk))
-            losses.append(loss.item())
+            # 3. backward: every completion token of the step weighs the same
+            acc.backward(loss / step_targets)
+            loss_sum += loss.item()
             tokens += batch.num_tokens
         # 4. clip and step
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.sft.max_grad_norm or float("inf"))
@@ -185,7 +187,7 @@ def run(cfg: Config) -> dict:
         dt = time.perf_counter() - t0
         extra["train_seconds"] += dt
         extra["train_tokens"] += tokens
-        loss_value = sum(losses) / len(losses)
+        loss_value = loss_sum / step_targets
         metrics.log(step, loss=loss_value, lr=lr, grad_norm=float(grad_norm),
                     tokens_per_s=tokens / dt, tokens=tokens)
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")

@@ -14,9 +14,10 @@ def test_help_lists_stages_and_options():
     assert sft.returncode == 0
     assert "sft.max_lr" in sft.stdout and "Peak learning rate" in sft.stdout
     assert "lora.rank" in sft.stdout
-    for stage, key in (("generate", "generate.samples_per_prompt"), ("rl", "rl.clip_eps")):
-        r = run_cli(stage, "--help")
-        assert r.returncode == 0 and key in r.stdout and "reward.name" in r.stdout or stage == "generate"
+    gen = run_cli("generate", "--help")
+    assert gen.returncode == 0 and "generate.samples_per_prompt" in gen.stdout
+    rl = run_cli("rl", "--help")
+    assert rl.returncode == 0 and "rl.clip_eps" in rl.stdout and "reward.name" in rl.stdout
 
 
 def test_bad_override_exits_nonzero_naming_the_key(tmp_path):

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
 from posttrain.config import Config, ConfigError, describe, load_config, write_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -44,26 +48,27 @@ def test_bad_yaml_file_names_the_file(tmp_path):
 
 def test_mandatory_value_is_named():
     with pytest.raises(ConfigError, match=r"data\.eval, data\.train must be set"):
-        load_config("configs/tldr-smollm2-cpu.yaml")
+        load_config(str(CONFIGS / "tldr-smollm2-cpu.yaml"))
 
 
 def test_config_is_frozen_and_written(tmp_path):
     cfg = load_config(None, (f"out_dir={tmp_path}", "seed=3"))
     with pytest.raises(Exception):
         cfg.seed = 4
-    path = write_config(cfg, cfg.run_dir)
+    path = write_config(cfg, "sft")
     assert yaml.safe_load(path.read_text())["seed"] == 3
+    assert (tmp_path / "sft" / "config.yaml").read_text() == path.read_text()
     assert load_config(str(path)) == cfg
 
 
 def test_shipped_configs_load():
-    demo = load_config("configs/demo.yaml")
-    seed = load_config("configs/tldr-llama-3.2-1b.yaml")
+    demo = load_config(str(CONFIGS / "demo.yaml"))
+    seed = load_config(str(CONFIGS / "tldr-llama-3.2-1b.yaml"))
     assert demo.model.name == "embedded"
     assert seed.model.name == "NousResearch/Llama-3.2-1B" and seed.model.load_in_4bit
     assert (seed.sft.batch_size, seed.sft.grad_accum, seed.sft.max_lr, seed.sft.min_lr) == (2, 4, 3e-5, 3e-6)
     assert (seed.lora.rank, seed.lora.alpha, seed.lora.dropout, seed.seed) == (16, 32, 0.1, 42)
-    real = load_config("configs/tldr-smollm2-cpu.yaml", ("data.train=a.jsonl", "data.eval=b.jsonl"))
+    real = load_config(str(CONFIGS / "tldr-smollm2-cpu.yaml"), ("data.train=a.jsonl", "data.eval=b.jsonl"))
     assert real.data.train == "a.jsonl"
 
 

@@ -19,10 +19,9 @@ def test_precision_choices():
     assert modeling.compute_dtype(ModelConfig(precision="fp32"), cpu) == torch.float32
     auto = modeling.compute_dtype(ModelConfig(precision="auto"), cpu)
     assert auto == (torch.bfloat16 if modeling.bf16_supported(cpu) else torch.float32)
-    with pytest.raises(modeling.ModelError, match="CUDA is not available"):
-        if torch.cuda.is_available():
-            raise modeling.ModelError("CUDA is not available (skipped: this machine has CUDA)")
-        modeling.resolve_device(ModelConfig(device="cuda"))
+    if not torch.cuda.is_available():
+        with pytest.raises(modeling.ModelError, match="CUDA is not available"):
+            modeling.resolve_device(ModelConfig(device="cuda"))
 
 
 def test_lora_wraps_only_named_modules(tiny_model_dir):
@@ -51,6 +50,11 @@ def test_adapter_for_another_base_model_is_refused(tiny_model_dir, tmp_path):
         modeling.load_adapter(modeling.load_base_model(cfg, torch.device("cpu")), tmp_path / "adapter")
     with pytest.raises(modeling.ModelError, match="not a saved adapter"):
         modeling.load_adapter(fresh, tmp_path)
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(modeling.ModelError, match="model.name="):
+        modeling.load_tokenizer(ModelConfig(name=str(tmp_path / "no-such-model")))
 
 
 @pytest.mark.slow

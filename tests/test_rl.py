@@ -157,3 +157,28 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(out[True][1], out[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_sft_adapter_has_no_dropout_in_train_mode(run_cfg, tmp_path):
+    """pi_sft inside the RL policy must be deterministic even while the RL adapter trains."""
+    from posttrain.config import LoraConfig
+    cfg = run_cfg("lora.dropout=0.5")
+    tok = modeling.load_tokenizer(cfg.model)
+    sft_model = modeling.add_lora(modeling.load_base_model(cfg.model, torch.device("cpu")),
+                                  LoraConfig(rank=4, dropout=0.5))
+    for n, p in sft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()                     # an SFT adapter that really changes outputs
+    modeling.save_adapter(sft_model, tok, tmp_path / "sft-adapter")
+    policy = modeling.load_policy(cfg, torch.device("cpu"), tmp_path / "sft-adapter", rl="new")
+    policy.train()
+    x = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(policy(input_ids=x).logits, policy(input_ids=x).logits)
+
+
+def test_rl_refuses_a_set_sampled_at_another_temperature(run_cfg):
+    cfg = run_cfg("generate.temperature=0.7")
+    generate.run(cfg)
+    with pytest.raises(DataError, match="generate.temperature=0.7"):
+        rl.run(cfg)

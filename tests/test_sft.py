@@ -81,20 +81,19 @@ def test_resume_continues_the_same_schedule(tiny_cfg, monkeypatch):
     ref_weights = load_file(str(tiny_cfg().run_dir.parent / "run-ref/sft/adapter/adapter_model.safetensors"))
 
     cfg = tiny_cfg("sft.epochs=2")
-    real_save = sft.checkpoint.save
+    real_log = sft.MetricsLogger.log
 
-    def save_then_die(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if args[1] == 4:
-            raise KeyboardInterrupt("killed after the step-4 checkpoint")
-        return path
+    def log_then_die(self, step, **values):
+        real_log(self, step, **values)
+        if step == 5 and "loss" in values:   # killed after step 5, past the step-4 checkpoint
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(sft.checkpoint, "save", save_then_die)
+    monkeypatch.setattr(sft.MetricsLogger, "log", log_then_die)
     with pytest.raises(KeyboardInterrupt):
         sft.run(cfg)
     assert (cfg.run_dir / "sft" / "checkpoints" / "step_4" / "state.pt").is_file()
     assert not (cfg.run_dir / "sft" / "adapter").exists()
-    monkeypatch.setattr(sft.checkpoint, "save", real_save)
+    monkeypatch.setattr(sft.MetricsLogger, "log", real_log)
     resumed = sft.run(cfg)
     assert resumed["steps"] == reference["steps"]
     weights = load_file(str(cfg.run_dir / "sft" / "adapter" / "adapter_model.safetensors"))
@@ -105,7 +104,7 @@ def test_resume_continues_the_same_schedule(tiny_cfg, monkeypatch):
            if "lr" in r]
     ref_lrs = [r["lr"] for r in map(json.loads, (cfg.run_dir.parent / "run-ref" / "metrics.jsonl").read_text().splitlines())
                if "lr" in r]
-    assert lrs == ref_lrs   # same schedule, each step logged once
+    assert lrs == ref_lrs   # same schedule, each step logged once (step 5 not twice)
 
 
 def test_non_finite_loss_stops_with_the_step(tiny_cfg, monkeypatch):
