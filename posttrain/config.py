@@ -200,16 +200,18 @@ class GenerateConfig:
 class RewardConfig:
     name: str = "zscore"
     """`zscore`: the seed's 1 - |z| with z the length's z-score over the generated set.
-    `target_length`: 1 - |len - target| / width."""
+    `log_zscore`: the same on log length (symmetric in ratio). `target_length`:
+    1 - |len - target| / width."""
     unit: str = "chars"
     """Length unit the reward reads: `chars` (the seed) or `tokens`."""
     target: Optional[float] = None
-    """Length to aim at. zscore: the centre (null = the set's mean). target_length: required."""
+    """Length to aim at. zscore / log_zscore: the centre (null = the set's mean). target_length:
+    required."""
     width: Optional[float] = None
     """target_length: length difference at which the reward reaches 0 (null = the set's std)."""
 
     def __post_init__(self):
-        _choice(self.name, "reward.name", ("zscore", "target_length"))
+        _choice(self.name, "reward.name", ("zscore", "log_zscore", "target_length"))
         _choice(self.unit, "reward.unit", ("chars", "tokens"))
         if self.name == "target_length" and self.target is None:
             raise ConfigError("reward.name=target_length needs reward.target (a length in "

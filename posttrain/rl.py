@@ -102,9 +102,8 @@ def run(cfg: Config) -> dict:
     acc, dtype = setup_accelerator(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter"))
     records, stats = load_set(cfg.run_dir, tokenizer)
-    unit = "length_" + cfg.reward.unit
-    set_stats = rewards.LengthStats(stats[unit]["mean"], stats[unit]["std"])
-    reward_all = rewards.compute(torch.tensor([r[unit] for r in records]), set_stats, cfg.reward)
+    lengths = [r["length_" + cfg.reward.unit] for r in records]
+    reward_all = rewards.compute(lengths, lengths, cfg.reward)                     # (S,)
     held_out = HeldOut(cfg, tokenizer)
 
     # The policy: base + frozen SFT adapter + fresh RL adapter (B = 0: equal to SFT).

@@ -1,0 +1,34 @@
+import math
+
+import pytest
+import torch
+
+from posttrain import rewards
+from posttrain.config import ConfigError, RewardConfig
+
+SET = torch.tensor([100.0, 140.0, 180.0])   # mean 140, std sqrt(1600*2/3)
+
+
+def test_zscore_is_one_minus_abs_z_and_peaks_at_the_mean():
+    std = math.sqrt(3200 / 3)
+    r = rewards.compute([140.0, 100.0, 180.0 + std], SET, RewardConfig())
+    torch.testing.assert_close(r, torch.tensor([1.0, 1 - 40 / std, 1 - (40 + std) / std]))
+    # centred on a target instead of the set's mean
+    r = rewards.compute([120.0], SET, RewardConfig(target=120.0))
+    assert r.item() == pytest.approx(1.0)
+
+
+def test_log_zscore_is_symmetric_in_ratio():
+    r = rewards.compute([70.0, 280.0], torch.tensor([70.0, 140.0, 280.0]),
+                        RewardConfig(name="log_zscore", target=math.sqrt(71 * 281) - 1))
+    assert r[0].item() == pytest.approx(r[1].item(), abs=1e-6)   # half and double: same reward
+
+
+def test_target_length_reward():
+    cfg = RewardConfig(name="target_length", target=120.0, width=60.0)
+    r = rewards.compute([120.0, 90.0, 180.0, 240.0], SET, cfg)
+    torch.testing.assert_close(r, torch.tensor([1.0, 0.5, 0.0, -1.0]))
+    assert rewards.compute([120.0 + 40.0], SET, RewardConfig(name="target_length", target=120.0)).item() \
+        == pytest.approx(1 - 40 / math.sqrt(3200 / 3), rel=1e-5)     # width defaults to the set's std
+    with pytest.raises(ConfigError, match="reward.target"):
+        RewardConfig(name="target_length")
