@@ -243,6 +243,15 @@ class RLConfig:
     share_prompt: bool = True
     """Run each prompt once for all its samples in a training step (exact: gradients flow
     through the shared cache). false runs every sample with its own copy of the prompt."""
+    advantage: str = "seed"
+    """`seed`: reward / completion tokens on every token, whitened over the step's tokens and
+    clamped. `group`: reward minus the mean reward of the samples of the same prompt (one
+    value for all of a sample's tokens), divided by the group's std if `group_std`."""
+    group_std: bool = False
+    """With advantage=group: divide by the group's reward std (GRPO) or not (Dr. GRPO)."""
+    loss_agg: str = "token"
+    """`token`: the loss is averaged over all completion tokens of the step (the seed).
+    `sequence`: averaged within each sample, then over samples."""
     clip_eps: float = 0.3
     """PPO clip range epsilon: the ratio is clipped to [1 - eps, 1 + eps]."""
     adv_clamp: float = 3.0
@@ -270,6 +279,8 @@ class RLConfig:
 
     def __post_init__(self):
         _choice(self.kl_control, "rl.kl_control", ("fixed", "adaptive"))
+        _choice(self.advantage, "rl.advantage", ("seed", "group"))
+        _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence"))
         for name in ("epochs", "batch_size", "grad_accum", "clip_eps", "adv_clamp",
                      "best_of_n", "kl_horizon", "eval_prompts", "eval_samples_per_prompt",
                      "keep_checkpoints"):

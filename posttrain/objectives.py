@@ -63,6 +63,21 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale_by_std: b
     return centred / (var.sqrt()[group] + eps)
 
 
+def token_weights(token_seq: torch.Tensor, num_seqs: int, per_sequence: bool) -> torch.Tensor:
+    """Weights that turn a sum over tokens into the loss average.
+
+    per token (the seed): every token weighs 1/N, so a long sample moves the loss by more
+    tokens than a short one (its advantage pushes on more tokens: a length bias).
+    per sequence: each sequence's tokens are averaged first, then the sequences (each weighs
+    1/S whatever its length; Dr. GRPO and DAPO discuss the bias each choice carries).
+    token_seq: (N,) sequence id of each token -> (N,)
+    """
+    if not per_sequence:
+        return torch.full(token_seq.shape, 1.0 / token_seq.numel())
+    counts = torch.bincount(token_seq, minlength=num_seqs).clamp(min=1).float()
+    return (1.0 / (counts * num_seqs))[token_seq]
+
+
 def kl_k3(logp_new: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """Per-token KL(new || ref) estimate k3 = r - 1 - log r with r = p_ref / p_new.
     Never negative; 0 where the two agree. (N,), (N,) -> (N,)"""

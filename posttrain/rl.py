@@ -47,6 +47,18 @@ def step_plan(records: list[dict], cfg: Config) -> list[list[list[list[int]]]]:
     return steps[:cfg.rl.max_steps] if cfg.rl.max_steps > 0 else steps
 
 
+def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Tensor,
+                    cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token advantages (N,) and loss weights (N,) for one step's S samples.
+    reward, lengths, group: (S,) reward, completion tokens and prompt-group id per sample."""
+    token_seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)      # (N,)
+    if cfg.rl.advantage == "seed":
+        adv = O.per_token_advantages(reward, token_seq, cfg.rl.adv_clamp)
+    else:
+        adv = O.group_advantages(reward, group, cfg.rl.group_std)[token_seq]
+    return adv, O.token_weights(token_seq, len(lengths), cfg.rl.loss_agg == "sequence")
+
+
 class HeldOut:
     """Fixed held-out prompts for watching the length spread during training."""
 
@@ -129,12 +141,12 @@ def run(cfg: Config) -> dict:
     bar = tqdm(total=len(plan), initial=step, desc="rl", disable=not acc.is_main_process)
     while step < len(plan):
         t0 = time.perf_counter()
-        # 1. batch: this step's samples; advantages whitened over all of the step's tokens
+        # 1. batch: this step's samples and their advantages
         micro = plan[step]
         flat = [i for mb in micro for g in mb for i in g]
         lengths = torch.tensor([len(records[i]["completion_ids"]) for i in flat])
-        token_seq = torch.repeat_interleave(torch.arange(len(flat)), lengths)
-        adv_all = O.per_token_advantages(reward_all[flat], token_seq, cfg.rl.adv_clamp)
+        group = torch.tensor([k for k, g in enumerate(g for mb in micro for g in mb) for _ in g])
+        adv_all, weight_all = step_advantages(reward_all[flat], lengths, group, cfg)
         n_tokens, offset = int(lengths.sum()), 0
         # tokens the forward passes process: a shared prompt counts once for its group
         prompt_tokens = sum(len(records[g[0]]["prompt_ids"]) * (1 if cfg.rl.share_prompt else len(g))
@@ -145,15 +157,16 @@ def run(cfg: Config) -> dict:
             old = torch.tensor([lp for g in groups for i in g for lp in records[i]["logprobs"]],
                                device=acc.device)                                   # (N,)
             adv = adv_all[offset:offset + len(old)].to(acc.device)
+            weight = weight_all[offset:offset + len(old)].to(acc.device)
             offset += len(old)
             # 2. log-probs of the sampled tokens under the current policy
             with acc.autocast():
                 new = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
                                       acc.device, cfg.rl.share_prompt)
-            # 3. clipped policy loss + beta * k3 KL to SFT, summed over tokens / step tokens
+            # 3. clipped policy loss + beta * k3 KL to SFT, averaged per token or per sample
             pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
             kl = O.kl_k3(new, old)
-            loss = (pl + extra["beta"] * kl).sum() / n_tokens
+            loss = ((pl + extra["beta"] * kl) * weight).sum()
             if not torch.isfinite(loss):
                 raise TrainingError(f"rl: non-finite loss at step {step + 1}; the last good "
                                     f"checkpoint is {checkpoint.latest(ckpt_dir)}")

@@ -115,3 +115,11 @@ def test_controller_raises_beta_above_target_and_lowers_it_below():
     assert O.adaptive_beta(0.1, kl=0.4, target=0.4, horizon=100) == pytest.approx(0.1)
     # the step is bounded by max_change / horizon
     assert O.adaptive_beta(0.1, kl=100.0, target=0.4, horizon=10) == pytest.approx(0.1 * 1.02)
+
+
+def test_token_weights_per_token_and_per_sequence():
+    token_seq = torch.tensor([0, 0, 0, 1])          # a 3-token and a 1-token sequence
+    torch.testing.assert_close(O.token_weights(token_seq, 2, False), torch.full((4,), 0.25))
+    w = O.token_weights(token_seq, 2, True)
+    torch.testing.assert_close(w, torch.tensor([1 / 6, 1 / 6, 1 / 6, 0.5]))
+    assert w.sum().item() == pytest.approx(1.0)

@@ -182,3 +182,16 @@ def test_rl_refuses_a_set_sampled_at_another_temperature(run_cfg):
     generate.run(cfg)
     with pytest.raises(DataError, match="generate.temperature=0.7"):
         rl.run(cfg)
+
+
+def test_group_advantages_with_sequence_aggregation(run_cfg):
+    cfg = run_cfg("rl.advantage=group", "rl.group_std=true", "rl.loss_agg=sequence")
+    reward = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    lengths = torch.tensor([2, 1, 1, 3])
+    group = torch.tensor([0, 0, 1, 1])
+    adv, w = rl.step_advantages(reward, lengths, group, cfg)
+    torch.testing.assert_close(adv, torch.tensor([1.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(w, torch.tensor([1 / 8, 1 / 8, 1 / 4, 1 / 4, 1 / 12, 1 / 12, 1 / 12]))
+    generate.run(cfg)
+    summary = rl.run(cfg)
+    assert summary["steps"] == 3
