@@ -13,8 +13,8 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, stage: str, enabled: bool = True,
                  resume_step: int | None = None):
-        """resume_step: this stage restarts after that step; its rows logged beyond it by the
-        interrupted run are dropped so every step appears once."""
+        """resume_step: this stage (re)starts after that step (-1: from scratch); its rows
+        logged beyond it by an earlier run are dropped, so every step appears once."""
         self.stage = stage
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"

@@ -131,7 +131,7 @@ def run(cfg: Config) -> dict:
                                       adapter=modeling.RL)
         print(f"rl: resuming from {last} (step {step} of {len(plan)})")
     metrics = MetricsLogger(cfg.run_dir, "rl", enabled=acc.is_main_process,
-                            resume_step=step if last is not None else None)
+                            resume_step=step if last is not None else -1)
     if "eval_before" not in extra:
         extra["eval_before"] = held_out.lengths(model, acc.device, dtype)
         metrics.log(0, **extra["eval_before"])

@@ -149,7 +149,7 @@ def run(cfg: Config) -> dict:
         extra["eval_loss_before"] = evaluate_loss(model, held_out, tokenizer,
                                                   cfg.sft.eval_batch_size, acc)
     metrics = MetricsLogger(cfg.run_dir, "sft", enabled=acc.is_main_process,
-                            resume_step=step if last is not None else None)
+                            resume_step=step if last is not None else -1)
     if step == 0:
         metrics.log(0, eval_loss=extra["eval_loss_before"])
     extra.setdefault("train_seconds", 0.0)
