@@ -20,6 +20,33 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return picked - torch.logsumexp(logits, dim=-1)                    # (N,)
 
 
+def target_and_stop_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                             stop_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(target) and log pi(stop token) at every position, one logsumexp for both.
+    logits: (N, V); targets: (N,) -> ((N,), (N,)) float32"""
+    logits = logits.float()
+    norm = torch.logsumexp(logits, dim=-1)                                         # (N,)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - norm, logits[:, stop_id] - norm
+
+
+def stop_credit_loss(logp_stop: torch.Tensor, stop_reward: torch.Tensor,
+                     final_reward: torch.Tensor, continued: torch.Tensor) -> torch.Tensor:
+    """Counterfactual credit for the decision to stop, per position.
+
+    At a position the sample continued past, stopping would have earned `stop_reward` (the
+    reward of the prefix's length: known without sampling), and continuing earned
+    `final_reward` (what the sample ended with: a one-sample estimate of the value of going
+    on). The expected reward's gradient with respect to p_stop there is their difference, so
+    the loss is -p_stop * (stop_reward - final_reward). Using p (not log p) puts the push
+    where stopping already has mass: at the model's own sentence ends.
+
+    logp_stop, stop_reward, final_reward: (N,); continued: (N,) bool -> (N,)
+    """
+    diff = (stop_reward - final_reward).detach()
+    return torch.where(continued, -logp_stop.exp() * diff, torch.zeros_like(logp_stop))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over positions where mask is true. x, mask: same shape -> scalar."""
     mask = mask.to(x.dtype)

@@ -47,15 +47,21 @@ def step_plan(records: list[dict], cfg: Config) -> list[list[list[list[int]]]]:
     return steps[:cfg.rl.max_steps] if cfg.rl.max_steps > 0 else steps
 
 
+def lengths_of(records: list[dict], ids: list[int]) -> torch.Tensor:
+    return torch.tensor([len(records[i]["completion_ids"]) for i in ids])
+
+
 def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Tensor,
                     cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token advantages (N,) and loss weights (N,) for one step's S samples.
     reward, lengths, group: (S,) reward, completion tokens and prompt-group id per sample."""
     token_seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)      # (N,)
-    if cfg.rl.advantage == "seed":
-        adv = O.per_token_advantages(reward, token_seq, cfg.rl.adv_clamp)
-    else:
+    if cfg.rl.advantage == "group":
         adv = O.group_advantages(reward, group, cfg.rl.group_std)[token_seq]
+    else:  # seed (stop uses it for the ratio and clip metrics only)
+        adv = O.per_token_advantages(reward, token_seq, cfg.rl.adv_clamp)
+    if cfg.rl.advantage == "stop":  # stop credit is summed over a sample's positions
+        return adv, torch.full(token_seq.shape, 1.0 / len(lengths))
     return adv, O.token_weights(token_seq, len(lengths), cfg.rl.loss_agg == "sequence")
 
 
@@ -87,9 +93,10 @@ class HeldOut:
 
 
 def policy_logprobs(model, records: list[dict], groups: list[list[int]], pad_id: int, device,
-                    share_prompt: bool) -> torch.Tensor:
+                    share_prompt: bool, stop_id: int | None = None):
     """log pi(token) (N,) of every completion token of the micro-batch's samples, in order:
-    each prompt once for its group (share_prompt), or each sample with its own prompt."""
+    each prompt once for its group (share_prompt), or each sample with its own prompt.
+    With `stop_id`, also log pi(stop_id) at the same positions."""
     if share_prompt:
         logits = modeling.grouped_completion_logits(
             model, [records[g[0]]["prompt_ids"] for g in groups],
@@ -101,7 +108,22 @@ def policy_logprobs(model, records: list[dict], groups: list[list[int]], pad_id:
         logits = modeling.completion_logits(model, batch)
     targets = torch.tensor([t for g in groups for i in g for t in records[i]["completion_ids"]],
                            device=device)
+    if stop_id is not None:
+        return O.target_and_stop_logprobs(logits, targets, stop_id)
     return O.gather_logprobs(logits, targets)
+
+
+def prefix_lengths(records: list[dict], tokenizer, unit: str) -> list[list[int]]:
+    """For each sample and each completion position t, the length of the completion had it
+    stopped before token t (chars of the decoded prefix, or t tokens)."""
+    if unit == "tokens":
+        return [list(range(len(r["completion_ids"]))) for r in records]
+    out = []
+    for r in records:
+        ids = r["completion_ids"]
+        out.append([len(tokenizer.decode(ids[:t], skip_special_tokens=True).strip())
+                    for t in range(len(ids))])
+    return out
 
 
 def run(cfg: Config) -> dict:
@@ -114,8 +136,12 @@ def run(cfg: Config) -> dict:
     acc, dtype = setup_accelerator(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter"))
     records, stats = load_set(cfg.run_dir, tokenizer)
-    lengths = [r["length_" + cfg.reward.unit] for r in records]
-    reward_all = rewards.compute(lengths, lengths, cfg.reward)                     # (S,)
+    set_lengths = [r["length_" + cfg.reward.unit] for r in records]
+    reward_all = rewards.compute(set_lengths, set_lengths, cfg.reward)             # (S,)
+    stop_reward = None
+    if cfg.rl.advantage == "stop":   # the reward each sample would get had it stopped at t
+        stop_reward = [rewards.compute(p, set_lengths, cfg.reward)
+                       for p in prefix_lengths(records, tokenizer, cfg.reward.unit)]
     held_out = HeldOut(cfg, tokenizer)
 
     # The policy: base + frozen SFT adapter + fresh RL adapter (B = 0: equal to SFT).
@@ -162,11 +188,24 @@ def run(cfg: Config) -> dict:
             # 2. log-probs of the sampled tokens under the current policy
             with acc.autocast():
                 new = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
-                                      acc.device, cfg.rl.share_prompt)
-            # 3. clipped policy loss + beta * k3 KL to SFT, averaged per token or per sample
-            pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+                                      acc.device, cfg.rl.share_prompt,
+                                      tokenizer.eos_token_id if stop_reward else None)
+            kl_weight = weight
+            if stop_reward:  # 3a. counterfactual stop credit, summed per sample
+                new, lp_stop = new
+                ids = [i for g in groups for i in g]
+                pl = O.stop_credit_loss(
+                    lp_stop, torch.cat([stop_reward[i] for i in ids]).to(acc.device),
+                    reward_all[ids].repeat_interleave(lengths_of(records, ids)).to(acc.device),
+                    torch.cat([torch.tensor(records[i]["completion_ids"]) != tokenizer.eos_token_id
+                               for i in ids]).to(acc.device))
+                _, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+                kl_weight = torch.full_like(weight, 1.0 / n_tokens)
+            else:            # 3b. clipped policy loss, averaged per token or per sample
+                pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+            # 4. + beta * k3 KL to the SFT policy
             kl = O.kl_k3(new, old)
-            loss = ((pl + extra["beta"] * kl) * weight).sum()
+            loss = (pl * weight).sum() + extra["beta"] * (kl * kl_weight).sum()
             if not torch.isfinite(loss):
                 raise TrainingError(f"rl: non-finite loss at step {step + 1}; the last good "
                                     f"checkpoint is {checkpoint.latest(ckpt_dir)}")
@@ -176,19 +215,19 @@ def run(cfg: Config) -> dict:
                 sums[k] += v.detach().sum().item()
             sums["ratio"] += ratio.detach().sum().item()
             ratio_max = max(ratio_max, ratio.detach().max().item())
-        # 4. clip gradients and step
+        # 5. clip gradients and step
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.rl.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        # 5. beta: fixed, or steered toward the best-of-N KL target
+        # 6. beta: fixed, or steered toward the best-of-N KL target
         m = {k: v / n_tokens for k, v in sums.items()}
         beta_used = extra["beta"]
         if cfg.rl.kl_control == "adaptive":
             extra["beta"] = O.adaptive_beta(extra["beta"], m["kl"], target, cfg.rl.kl_horizon)
-        # 6. log, evaluate, checkpoint
+        # 7. log, evaluate, checkpoint
         dt = time.perf_counter() - t0
         row = dict(loss=m["loss"], policy_loss=m["policy_loss"], kl=m["kl"], kl_k1=m["kl_k1"],
                    beta=beta_used, kl_target=target, clip_frac=m["clipped"], ratio_mean=m["ratio"],

@@ -123,3 +123,18 @@ def test_token_weights_per_token_and_per_sequence():
     w = O.token_weights(token_seq, 2, True)
     torch.testing.assert_close(w, torch.tensor([1 / 6, 1 / 6, 1 / 6, 0.5]))
     assert w.sum().item() == pytest.approx(1.0)
+
+
+def test_stop_credit_pushes_stopping_where_it_would_have_paid():
+    logp_stop = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.5])).requires_grad_()
+    stop_reward = torch.tensor([0.0, 1.0, 0.5, 9.0])
+    final = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    continued = torch.tensor([True, True, True, False])     # the last token was the stop
+    loss = O.stop_credit_loss(logp_stop, stop_reward, final, continued)
+    torch.testing.assert_close(loss, torch.tensor([0.05, -0.1, 0.0, 0.0]))
+    loss.sum().backward()
+    g = logp_stop.grad
+    assert g[0] > 0 and g[1] < 0 and g[2] == 0 and g[3] == 0   # descend: less stop at 0, more at 1
+    lp, ls = O.target_and_stop_logprobs(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([1]), 2)
+    ref = torch.log_softmax(torch.tensor([1.0, 2.0, 3.0]), -1)
+    assert lp.item() == pytest.approx(ref[1].item()) and ls.item() == pytest.approx(ref[2].item())

@@ -195,3 +195,17 @@ def test_group_advantages_with_sequence_aggregation(run_cfg):
     generate.run(cfg)
     summary = rl.run(cfg)
     assert summary["steps"] == 3
+
+
+def test_stop_credit_mode_runs_and_moves_the_policy(run_cfg):
+    cfg = run_cfg("rl.advantage=stop", "generate.max_new_tokens=8")
+    generate.run(cfg)
+    records, _ = generate.load_set(cfg.run_dir, modeling.load_tokenizer(cfg.model))
+    prefixes = rl.prefix_lengths(records, modeling.load_tokenizer(cfg.model), "chars")
+    assert all(p[0] == 0 and len(p) == len(r["completion_ids"]) for p, r in zip(prefixes, records))
+    assert all(p == sorted(p) for p in prefixes)
+    summary = rl.run(cfg)
+    rows = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["stage"] == "rl" and "ratio_mean" in r]
+    assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert steps[-1]["kl"] > 0 and summary["steps"] == 3
