@@ -4,7 +4,8 @@ Reads `<out_dir>/sft/adapter`; writes `<out_dir>/generate/`:
   dataset/      a `datasets` folder, one row per sample: group (the prompt draw it came
                 from; its samples_per_prompt samples share it), prompt, prompt_ids, completion,
                 completion_ids (EOS included when sampled), logprobs (the SFT policy's, per
-                completion token), ended_with_eos, truncated, length_chars, length_tokens,
+                completion token), stop_logprobs (its log-prob of EOS at each of those
+                positions), ended_with_eos, truncated, length_chars, length_tokens,
                 score (z-score of -length_chars over the whole set)
   stats.json    length mean / variance / std (chars and tokens), EOS rate, the tokenizer's
                 fingerprint
@@ -62,7 +63,8 @@ def sample_records(model, tokenizer, texts: list[str], prompts: list[list[int]],
         records.append({
             "group": s.prompt_index, "prompt": texts[s.prompt_index], "prompt_ids": list(prompts[s.prompt_index]),
             "completion": text, "completion_ids": list(s.token_ids),
-            "logprobs": list(s.logprobs), "ended_with_eos": s.ended_with_eos,
+            "logprobs": list(s.logprobs), "stop_logprobs": list(s.stop_logprobs),
+            "ended_with_eos": s.ended_with_eos,
             "truncated": not s.ended_with_eos, "length_chars": len(text.strip()),
             "length_tokens": len(body)})
     return records

@@ -31,7 +31,8 @@ def target_and_stop_logprobs(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def stop_credit_loss(logp_stop: torch.Tensor, stop_reward: torch.Tensor,
-                     final_reward: torch.Tensor, continued: torch.Tensor) -> torch.Tensor:
+                     final_reward: torch.Tensor, continued: torch.Tensor,
+                     logp_stop_old: torch.Tensor | None = None, eps: float = 0.3) -> torch.Tensor:
     """Counterfactual credit for the decision to stop, per position.
 
     At a position the sample continued past, stopping would have earned `stop_reward` (the
@@ -41,10 +42,19 @@ def stop_credit_loss(logp_stop: torch.Tensor, stop_reward: torch.Tensor,
     the loss is -p_stop * (stop_reward - final_reward). Using p (not log p) puts the push
     where stopping already has mass: at the model's own sentence ends.
 
-    logp_stop, stop_reward, final_reward: (N,); continued: (N,) bool -> (N,)
+    With `logp_stop_old` (the sampling policy's), p_stop = p_old * rho is PPO-clipped: the
+    loss is -p_old * min(rho * d, clip(rho, 1-eps, 1+eps) * d), so one pass over a fixed set
+    cannot move a stop probability far from where the samples were drawn.
+
+    logp_stop, stop_reward, final_reward, logp_stop_old: (N,); continued: (N,) bool -> (N,)
     """
     diff = (stop_reward - final_reward).detach()
-    return torch.where(continued, -logp_stop.exp() * diff, torch.zeros_like(logp_stop))
+    if logp_stop_old is None:
+        loss = -logp_stop.exp() * diff
+    else:
+        rho = torch.exp(logp_stop - logp_stop_old)
+        loss = -logp_stop_old.exp() * torch.minimum(rho * diff, rho.clamp(1 - eps, 1 + eps) * diff)
+    return torch.where(continued, loss, torch.zeros_like(logp_stop))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -194,11 +194,14 @@ def run(cfg: Config) -> dict:
             if stop_reward:  # 3a. counterfactual stop credit, summed per sample
                 new, lp_stop = new
                 ids = [i for g in groups for i in g]
+                old_stop = (torch.tensor([x for i in ids for x in records[i]["stop_logprobs"]],
+                                         device=acc.device)
+                            if "stop_logprobs" in records[ids[0]] else None)
                 pl = O.stop_credit_loss(
                     lp_stop, torch.cat([stop_reward[i] for i in ids]).to(acc.device),
                     reward_all[ids].repeat_interleave(lengths_of(records, ids)).to(acc.device),
                     torch.cat([torch.tensor(records[i]["completion_ids"]) != tokenizer.eos_token_id
-                               for i in ids]).to(acc.device))
+                               for i in ids]).to(acc.device), old_stop, cfg.rl.clip_eps)
                 _, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
                 kl_weight = torch.full_like(weight, 1.0 / n_tokens)
             else:            # 3b. clipped policy loss, averaged per token or per sample

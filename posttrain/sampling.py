@@ -17,12 +17,14 @@ import torch
 class Sample:
     """One sampled completion of prompt `prompt_index`.
 
-    token_ids: the sampled tokens, EOS included when the sample ended with it
-    logprobs:  log pi(token) under the sampling model at temperature 1, one per token
+    token_ids:      the sampled tokens, EOS included when the sample ended with it
+    logprobs:       log pi(token) under the sampling model at temperature 1, one per token
+    stop_logprobs:  log pi(EOS) at the same positions (what stopping there was worth to it)
     """
     prompt_index: int
     token_ids: tuple
     logprobs: tuple
+    stop_logprobs: tuple
     ended_with_eos: bool
 
 
@@ -69,6 +71,7 @@ def sample(model, prompts: list[list[int]], group_size: int, max_new_tokens: int
     live = torch.arange(logits.shape[0], device=device)               # row -> sample index
     tokens = [[] for _ in range(logits.shape[0])]
     logps = [[] for _ in range(logits.shape[0])]
+    stops = [[] for _ in range(logits.shape[0])]
     # 3. decode; finished rows leave the batch
     for t in range(max_new_tokens):
         logp = torch.log_softmax(logits.float(), dim=-1)                # (n, V)
@@ -76,9 +79,11 @@ def sample(model, prompts: list[list[int]], group_size: int, max_new_tokens: int
             _next_token_dist(logits.float(), temperature, top_p)
         tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)       # (n,)
         tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
-        for row, (s, k, lp) in enumerate(zip(live.tolist(), tok.tolist(), tok_logp.tolist())):
+        for s, k, lp, ls in zip(live.tolist(), tok.tolist(), tok_logp.tolist(),
+                                logp[:, eos_id].tolist()):
             tokens[s].append(k)
             logps[s].append(lp)
+            stops[s].append(ls)
         keep = tok != eos_id
         if t == max_new_tokens - 1 or not keep.any():
             break
@@ -91,5 +96,5 @@ def sample(model, prompts: list[list[int]], group_size: int, max_new_tokens: int
                     cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
         next_pos = next_pos + 1
-    return [Sample(i // group_size, tuple(tokens[i]), tuple(logps[i]),
+    return [Sample(i // group_size, tuple(tokens[i]), tuple(logps[i]), tuple(stops[i]),
                    bool(tokens[i]) and tokens[i][-1] == eos_id) for i in range(len(tokens))]

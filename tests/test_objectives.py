@@ -138,3 +138,15 @@ def test_stop_credit_pushes_stopping_where_it_would_have_paid():
     lp, ls = O.target_and_stop_logprobs(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([1]), 2)
     ref = torch.log_softmax(torch.tensor([1.0, 2.0, 3.0]), -1)
     assert lp.item() == pytest.approx(ref[1].item()) and ls.item() == pytest.approx(ref[2].item())
+
+
+def test_clipped_stop_credit_equals_unclipped_at_ratio_one_and_stops_beyond_eps():
+    old = torch.log(torch.tensor([0.1, 0.2]))
+    args = (torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([True, True]))
+    torch.testing.assert_close(O.stop_credit_loss(old, *args, logp_stop_old=old),
+                               O.stop_credit_loss(old, *args))
+    new = (old + torch.log(torch.tensor([1.1, 2.0]))).requires_grad_()
+    loss = O.stop_credit_loss(new, *args, logp_stop_old=old, eps=0.3)
+    loss.sum().backward()
+    assert new.grad[0] < 0 and new.grad[1] == 0          # inside the region: push; beyond: none
+    torch.testing.assert_close(loss.detach(), torch.tensor([-0.11, -0.26]))

@@ -43,7 +43,7 @@ def test_generate_stores_pi_sft_logprobs_and_scores(run_cfg):
     stats = generate.run(cfg)
     records, loaded = generate.load_set(cfg.run_dir, modeling.load_tokenizer(cfg.model))
     assert len(records) == 24 and loaded == stats
-    for key in ("prompt", "completion", "completion_ids", "logprobs", "ended_with_eos",
+    for key in ("prompt", "completion", "completion_ids", "logprobs", "stop_logprobs", "ended_with_eos",
                 "truncated", "length_chars", "length_tokens", "score"):
         assert key in records[0]
     assert sum(r["score"] for r in records) == pytest.approx(0.0, abs=1e-6)
@@ -57,6 +57,10 @@ def test_generate_stores_pi_sft_logprobs_and_scores(run_cfg):
         lp = O.gather_logprobs(modeling.completion_logits(model, batch), batch.targets)
     stored = torch.tensor([x for r in records[:6] for x in r["logprobs"]])
     torch.testing.assert_close(lp, stored, rtol=1e-4, atol=1e-4)
+    _, lp_stop = O.target_and_stop_logprobs(modeling.completion_logits(model, batch).detach(),
+                                            batch.targets, modeling.load_tokenizer(cfg.model).eos_token_id)
+    stored_stop = torch.tensor([x for r in records[:6] for x in r["stop_logprobs"]])
+    torch.testing.assert_close(lp_stop, stored_stop, rtol=1e-4, atol=1e-4)
     # a second call finds the finished set
     assert generate.run(cfg) == stats
 
