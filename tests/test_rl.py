@@ -213,3 +213,22 @@ def test_stop_credit_mode_runs_and_moves_the_policy(run_cfg):
     steps = [r for r in rows if r["stage"] == "rl" and "ratio_mean" in r]
     assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert steps[-1]["kl"] > 0 and summary["steps"] == 3
+
+
+def test_a_set_without_completion_tokens_is_refused(run_cfg):
+    import datasets
+    cfg = run_cfg()
+    generate.run(cfg)
+    path = cfg.run_dir / "generate" / "dataset"
+    rows = datasets.load_from_disk(str(path)).to_list()
+    for r in rows:
+        r["completion_ids"], r["logprobs"], r["stop_logprobs"] = [], [], []
+    shutil.rmtree(path)
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    with pytest.raises(DataError, match="no sample has any completion token"):
+        rl.run(cfg)
+    rows[0]["completion_ids"], rows[0]["logprobs"] = [5], [-1.0]
+    shutil.rmtree(path)
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    with pytest.raises(DataError, match="row 1: empty completion_ids"):
+        rl.run(cfg)
