@@ -248,7 +248,9 @@ class RLConfig:
     clamped. `group`: reward minus the mean reward of the samples of the same prompt (one
     value for all of a sample's tokens), divided by the group's std if `group_std`. `stop`:
     counterfactual credit for the stop decision at every position (the reward had the sample
-    stopped there, minus the reward it got), applied to the policy's EOS probability."""
+    stopped there, minus the reward it got), applied to the policy's EOS probability.
+    `best_of_n`: keep only the highest-reward sample of each prompt group and raise its
+    likelihood (advantage 1, PPO-clipped): distilling best-of-G sampling."""
     group_std: bool = False
     """With advantage=group: divide by the group's reward std (GRPO) or not (Dr. GRPO)."""
     loss_agg: str = "token"
@@ -281,7 +283,7 @@ class RLConfig:
 
     def __post_init__(self):
         _choice(self.kl_control, "rl.kl_control", ("fixed", "adaptive"))
-        _choice(self.advantage, "rl.advantage", ("seed", "group", "stop"))
+        _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "best_of_n"))
         _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence"))
         for name in ("epochs", "batch_size", "grad_accum", "clip_eps", "adv_clamp",
                      "best_of_n", "kl_horizon", "eval_prompts", "eval_samples_per_prompt",

@@ -47,6 +47,16 @@ def step_plan(records: list[dict], cfg: Config) -> list[list[list[list[int]]]]:
     return steps[:cfg.rl.max_steps] if cfg.rl.max_steps > 0 else steps
 
 
+def best_of_groups(records: list[dict], reward: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
+    """Keep the highest-reward sample of each prompt group (best-of-G), each its own group."""
+    best: dict[int, int] = {}
+    for i, r in enumerate(records):
+        if r["group"] not in best or reward[i] > reward[best[r["group"]]]:
+            best[r["group"]] = i
+    keep = sorted(best.values())
+    return [records[i] for i in keep], reward[keep]
+
+
 def lengths_of(records: list[dict], ids: list[int]) -> torch.Tensor:
     return torch.tensor([len(records[i]["completion_ids"]) for i in ids])
 
@@ -58,6 +68,8 @@ def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Te
     token_seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)      # (N,)
     if cfg.rl.advantage == "group":
         adv = O.group_advantages(reward, group, cfg.rl.group_std)[token_seq]
+    elif cfg.rl.advantage == "best_of_n":  # every kept sample is its group's best: A = 1
+        adv = torch.ones(token_seq.shape)
     else:  # seed (stop uses it for the ratio and clip metrics only)
         adv = O.per_token_advantages(reward, token_seq, cfg.rl.adv_clamp)
     if cfg.rl.advantage == "stop":  # stop credit is summed over a sample's positions
@@ -142,6 +154,8 @@ def run(cfg: Config) -> dict:
     if cfg.rl.advantage == "stop":   # the reward each sample would get had it stopped at t
         stop_reward = [rewards.compute(p, set_lengths, cfg.reward)
                        for p in prefix_lengths(records, tokenizer, cfg.reward.unit)]
+    if cfg.rl.advantage == "best_of_n":  # train on the best sample of each prompt group only
+        records, reward_all = best_of_groups(records, reward_all)
     held_out = HeldOut(cfg, tokenizer)
 
     # The policy: base + frozen SFT adapter + fresh RL adapter (B = 0: equal to SFT).

@@ -232,3 +232,11 @@ def test_a_set_without_completion_tokens_is_refused(run_cfg):
     datasets.Dataset.from_list(rows).save_to_disk(str(path))
     with pytest.raises(DataError, match="row 1: empty completion_ids"):
         rl.run(cfg)
+
+
+def test_best_of_groups_keeps_each_groups_top_reward():
+    records = [{"group": g, "i": i} for i, g in enumerate([0, 0, 0, 1, 1, 2])]
+    reward = torch.tensor([0.1, 0.9, 0.5, -1.0, -0.5, 0.0])
+    kept, r = rl.best_of_groups(records, reward)
+    assert [x["i"] for x in kept] == [1, 4, 5]
+    torch.testing.assert_close(r, torch.tensor([0.9, -0.5, 0.0]))
