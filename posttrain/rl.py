@@ -25,8 +25,8 @@ from posttrain.data import Example, collate
 from posttrain.generate import load_set, prompt_pool, sample_records
 from posttrain.io import atomic_write_json
 from posttrain.metrics import MetricsLogger
-from posttrain.sft import (TrainingError, build_optimizer, build_scheduler, setup_accelerator,
-                           to_device)
+from posttrain.sft import (TrainingError, build_optimizer, build_scheduler, optimizer_step,
+                           setup_accelerator, to_device)
 
 
 def step_plan(records: list[dict], cfg: Config) -> list[list[list[list[int]]]]:
@@ -233,11 +233,7 @@ def run(cfg: Config) -> dict:
             sums["ratio"] += ratio.detach().sum().item()
             ratio_max = max(ratio_max, ratio.detach().max().item())
         # 5. clip gradients and step
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.rl.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(acc, model, optimizer, scheduler, cfg.rl.max_grad_norm)
         step += 1
         # 6. beta: fixed, or steered toward the best-of-N KL target
         m = {k: v / n_tokens for k, v in sums.items()}

@@ -76,6 +76,16 @@ def build_scheduler(optimizer, cfg, total_steps: int):
         num_training_steps=total_steps, min_lr=cfg.min_lr)
 
 
+def optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+    """Clip (0 = no clipping), step, advance the schedule; returns (grad norm, lr used)."""
+    grad_norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), lr
+
+
 def micro_batches(examples: list[Example], cfg: Config) -> list[list[int]]:
     """The whole run's micro-batches (lists of example indices), fixed by the seed so a
     resumed run sees the same order from the same position."""
@@ -177,11 +187,7 @@ def run(cfg: Config) -> dict:
             loss_sum += loss.item()
             tokens += batch.num_tokens
         # 4. clip and step
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.sft.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(acc, model, optimizer, scheduler, cfg.sft.max_grad_norm)
         step += 1
         # 5. log and checkpoint
         dt = time.perf_counter() - t0
