@@ -191,7 +191,8 @@ def run(cfg: Config) -> dict:
         # tokens the forward passes process: a shared prompt counts once for its group
         prompt_tokens = sum(len(records[g[0]]["prompt_ids"]) * (1 if cfg.rl.share_prompt else len(g))
                             for mb in micro for g in mb)
-        sums = dict(loss=0.0, policy_loss=0.0, kl=0.0, kl_k1=0.0, clipped=0.0, ratio=0.0)
+        sums = dict(policy_loss=0.0, kl=0.0, kl_k1=0.0, clipped=0.0, ratio=0.0)
+        total_loss = 0.0  # the objective as optimized (its weighting depends on the mode)
         ratio_max = 0.0
         for groups in micro:
             old = torch.tensor([lp for g in groups for i in g for lp in records[i]["logprobs"]],
@@ -227,7 +228,8 @@ def run(cfg: Config) -> dict:
                 raise TrainingError(f"rl: non-finite loss at step {step + 1}; the last good "
                                     f"checkpoint is {checkpoint.latest(ckpt_dir)}")
             acc.backward(loss)
-            for k, v in (("loss", pl + extra["beta"] * kl), ("policy_loss", pl), ("kl", kl),
+            total_loss += loss.item()
+            for k, v in (("policy_loss", pl), ("kl", kl),
                          ("kl_k1", O.kl_k1(new, old)), ("clipped", clipped.float())):
                 sums[k] += v.detach().sum().item()
             sums["ratio"] += ratio.detach().sum().item()
@@ -242,7 +244,7 @@ def run(cfg: Config) -> dict:
             extra["beta"] = O.adaptive_beta(extra["beta"], m["kl"], target, cfg.rl.kl_horizon)
         # 7. log, evaluate, checkpoint
         dt = time.perf_counter() - t0
-        row = dict(loss=m["loss"], policy_loss=m["policy_loss"], kl=m["kl"], kl_k1=m["kl_k1"],
+        row = dict(loss=total_loss, policy_loss=m["policy_loss"], kl=m["kl"], kl_k1=m["kl_k1"],
                    beta=beta_used, kl_target=target, clip_frac=m["clipped"], ratio_mean=m["ratio"],
                    ratio_max=ratio_max, adv_mean=adv_all.mean().item(), adv_std=adv_all.std().item(),
                    reward_mean=reward_all[flat].mean().item(), lr=lr, grad_norm=float(grad_norm),
