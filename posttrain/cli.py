@@ -15,6 +15,8 @@ STAGES = {
                  "sample completions from the SFT policy into a scored dataset for RL"),
     "rl": ("posttrain.rl", ("model", "lora", "data", "generate", "reward", "rl"),
            "PPO-style RL on the generated set against the frozen SFT policy"),
+    "eval": ("posttrain.evaluate", ("model", "data", "generate", "reward", "eval"),
+             "sample base/SFT/RL on held-out prompts; length spread, ROUGE, KL -> report"),
 }
 
 EXAMPLES = """examples:

@@ -302,6 +302,46 @@ class RLConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    models: list = field(default_factory=lambda: ["sft", "rl"])
+    """Policies to compare, any of `base` (no adapter), `sft`, `rl`; all sample the same
+    prompts with the same seeds and settings."""
+    prompts: Optional[str] = None
+    """Held-out rows (prompt + reference summary); null means `data.eval`."""
+    prompts_split: Optional[str] = None
+    """Split of `prompts`; null means `data.eval_split`."""
+    num_prompts: Optional[int] = 50
+    """Held-out prompts to sample (the first ones after filtering); null for all."""
+    samples_per_prompt: int = 4
+    """Samples per prompt and model (they share the prompt pass). Report variances from at
+    least 200 samples per model: fewer swing by +-20%."""
+    max_new_tokens: Optional[int] = None
+    """Longest sample; null means `generate.max_new_tokens`."""
+    batch_size: Optional[int] = None
+    """Prompts per sampling batch; null means `generate.batch_size`."""
+    temperature: float = 1.0
+    """Sampling temperature (1 measures the policy itself, as RL trained it)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    bootstrap: int = 2000
+    """Bootstrap resamples for the 95% interval of the SFT/RL variance ratio."""
+
+    def __post_init__(self):
+        bad = [m for m in self.models if m not in ("base", "sft", "rl")]
+        if bad or not self.models:
+            raise ConfigError(f"eval.models={list(self.models)!r}: expected a non-empty list of "
+                              "'base', 'sft', 'rl'")
+        _positive(self.samples_per_prompt, "eval.samples_per_prompt")
+        _positive(self.temperature, "eval.temperature")
+        _positive(self.bootstrap, "eval.bootstrap")
+        for name in ("num_prompts", "max_new_tokens", "batch_size"):
+            if getattr(self, name) is not None:
+                _positive(getattr(self, name), f"eval.{name}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval.top_p={self.top_p!r} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class Config:
     out_dir: str = "runs/demo"
     """Run directory: every stage reads its inputs from here and writes its outputs here."""
@@ -314,6 +354,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -37,16 +37,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prompt_pool(source: str, split: str, tokenizer, cfg: Config) -> tuple[list[str], list[list[int]]]:
-    """Prompts of a data source, tokenized, with the overlong policy applied."""
+def heldout_rows(source: str, split: str, tokenizer, cfg: Config) -> tuple[list[dict], list[list[int]]]:
+    """Rows of a data source whose prompt fits (the overlong policy applied), with the
+    prompt's token ids."""
     rows = load_rows(source, split, cfg.data)
     ids = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    kept = [(r["prompt"], fitted) for r, p in zip(rows, ids)
+    kept = [(r, fitted) for r, p in zip(rows, ids)
             if (fitted := fit_prompt(p, cfg.data)) is not None]
     if not kept:
         raise DataError(f"{source}: no prompt fits data.max_prompt_tokens="
                         f"{cfg.data.max_prompt_tokens}")
     return [k[0] for k in kept], [k[1] for k in kept]
+
+
+def prompt_pool(source: str, split: str, tokenizer, cfg: Config) -> tuple[list[str], list[list[int]]]:
+    """Prompts of a data source, tokenized, with the overlong policy applied."""
+    rows, ids = heldout_rows(source, split, tokenizer, cfg)
+    return [r["prompt"] for r in rows], ids
 
 
 def sample_records(model, tokenizer, texts: list[str], prompts: list[list[int]],
