@@ -17,6 +17,7 @@ STAGES = {
            "PPO-style RL on the generated set against the frozen SFT policy"),
     "eval": ("posttrain.evaluate", ("model", "data", "generate", "reward", "eval"),
              "sample base/SFT/RL on held-out prompts; length spread, ROUGE, KL -> report"),
+    "plot": ("posttrain.plot", (), "PNG figures: length distributions and training curves"),
 }
 
 EXAMPLES = """examples:

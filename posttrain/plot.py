@@ -1,0 +1,135 @@
+"""The plot stage: PNG figures of the length distributions and the training curves.
+
+Reads `<out_dir>/eval/samples.jsonl` and `<out_dir>/metrics.jsonl`; writes `<out_dir>/plots/`:
+  lengths.png          each model's length histogram side by side (same bins), mean and
+                       variance written on each
+  lengths_overlay.png  the same histograms overlaid
+  sft_training.png     SFT loss per step and held-out loss
+  rl_training.png      RL loss, KL (with the best-of-N target), beta, reward, and the held-out
+                       length mean and std from the periodic evaluations
+A figure whose inputs are missing is skipped with a message.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from posttrain.config import Config
+from posttrain.io import atomic_write_bytes
+from posttrain.metrics import read_metrics
+
+COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "rl": "#d62728"}
+LABELS = {"base": "base", "sft": "SFT", "rl": "RL"}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _lengths(samples: list[dict]) -> dict:
+    out = {}
+    for s in samples:
+        out.setdefault(s["model"], []).append(s["length_chars"])
+    return {m: np.asarray(v, dtype=float) for m, v in out.items()}
+
+
+def length_figures(samples: list[dict], out: Path) -> list[Path]:
+    """Histograms of completion length (chars) per model: side by side and overlaid."""
+    plt = _pyplot()
+    lengths = _lengths(samples)
+    top = max(v.max() for v in lengths.values())
+    bins = np.linspace(0, top + 1, 31)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4), sharey=True,
+                             squeeze=False)
+    for ax, (m, v) in zip(axes[0], lengths.items()):
+        ax.hist(v, bins=bins, color=COLORS.get(m), alpha=0.85)
+        ax.set_title(f"{LABELS.get(m, m)}: mean {v.mean():.1f}, variance {v.var():.0f}")
+        ax.set_xlabel("summary length (characters)")
+    axes[0][0].set_ylabel("samples")
+    paths = [_save(fig, out / "lengths.png")]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for m, v in lengths.items():
+        ax.hist(v, bins=bins, color=COLORS.get(m), alpha=0.45,
+                label=f"{LABELS.get(m, m)} (mean {v.mean():.1f}, var {v.var():.0f})")
+    ax.set_xlabel("summary length (characters)")
+    ax.set_ylabel("samples")
+    ax.legend()
+    paths.append(_save(fig, out / "lengths_overlay.png"))
+    return paths
+
+
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of one metric, by step; a step logged twice keeps its last value."""
+    by_step = {r["step"]: r[key] for r in rows if r.get(key) is not None}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _panel(ax, rows, keys: list[str], title: str, hline: float | None = None) -> None:
+    for k in keys:
+        x, y = _series(rows, k)
+        if x:
+            ax.plot(x, y, marker="." if len(x) < 30 else None, label=k)
+    if hline is not None:
+        ax.axhline(hline, color="k", ls="--", lw=0.8, label="target")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if len(ax.get_legend_handles_labels()[0]) > 1:
+        ax.legend(fontsize=7)
+
+
+def training_figures(run_dir: Path, out: Path) -> list[Path]:
+    """Training curves from metrics.jsonl, one figure per stage that logged."""
+    plt = _pyplot()
+    paths = []
+    sft = read_metrics(run_dir, "sft")
+    if sft:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        _panel(axes[0], sft, ["loss"], "SFT training loss")
+        _panel(axes[1], sft, ["eval_loss"], "SFT held-out loss")
+        paths.append(_save(fig, out / "sft_training.png"))
+    rl = read_metrics(run_dir, "rl")
+    if rl:
+        target = next((r["kl_target"] for r in rl if r.get("kl_target") is not None), None)
+        fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
+        _panel(axes[0][0], rl, ["loss", "policy_loss"], "RL loss")
+        _panel(axes[0][1], rl, ["kl", "kl_k1"], "KL to SFT per token", target)
+        _panel(axes[0][2], rl, ["beta"], "KL coefficient beta")
+        _panel(axes[1][0], rl, ["reward_mean"], "mean reward")
+        _panel(axes[1][1], rl, ["eval_len_mean"], "held-out length mean (chars)")
+        _panel(axes[1][2], rl, ["eval_len_std"], "held-out length std (chars)")
+        fig.tight_layout()
+        paths.append(_save(fig, out / "rl_training.png"))
+    return paths
+
+
+def run(cfg: Config) -> list[Path]:
+    """Write every figure whose inputs exist; returns their paths."""
+    out = cfg.run_dir / "plots"
+    paths = []
+    samples_file = cfg.run_dir / "eval" / "samples.jsonl"
+    if samples_file.is_file():
+        samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line]
+        paths += length_figures(samples, out)
+    else:
+        print(f"plot: no {samples_file} (run `posttrain eval`); skipping the length figures")
+    paths += training_figures(cfg.run_dir, out)
+    if not paths:
+        print(f"plot: nothing to plot in {cfg.run_dir}")
+    for p in paths:
+        print(f"plot: wrote {p}")
+    return paths
