@@ -18,6 +18,7 @@ STAGES = {
     "eval": ("posttrain.evaluate", ("model", "data", "generate", "reward", "eval"),
              "sample base/SFT/RL on held-out prompts; length spread, ROUGE, KL -> report"),
     "plot": ("posttrain.plot", (), "PNG figures: length distributions and training curves"),
+    "view": ("posttrain.view", (), "one self-contained HTML page to read SFT/RL samples side by side"),
 }
 
 EXAMPLES = """examples:
