@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from posttrain.config import ConfigError, describe, load_config
+from posttrain.config import ConfigError, bundled_configs, describe, load_config
 
 # stage -> (module, config sections it reads, one-line help)
 STAGES = {
@@ -19,9 +19,15 @@ STAGES = {
              "sample base/SFT/RL on held-out prompts; length spread, ROUGE, KL -> report"),
     "plot": ("posttrain.plot", (), "PNG figures: length distributions and training curves"),
     "view": ("posttrain.view", (), "one self-contained HTML page to read SFT/RL samples side by side"),
+    "run": ("posttrain.pipeline", None,
+            "the whole pipeline (sft, generate, rl, eval, plot, view) in one run directory, "
+            "skipping finished stages; with no --config it runs the demo"),
 }
 
 EXAMPLES = """examples:
+  posttrain run                                   # the demo, end to end (CPU, embedded model)
+  posttrain run --config tldr-smollm2-cpu data.train=../shared/data/tifu/train.jsonl \\
+      data.eval=../shared/data/tldr/dev.jsonl
   posttrain sft --config configs/demo.yaml
   posttrain sft --config configs/tldr-smollm2-cpu.yaml data.train=../shared/data/tifu/train.jsonl
   posttrain sft out_dir=runs/try lora.rank=8 sft.max_lr=1e-4
@@ -44,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
             epilog="options (set in the YAML file or as key=value; defaults shown):\n"
                    + describe(sections=sections))
         p.add_argument("--config", metavar="FILE.yaml",
-                       help="YAML file whose values override the defaults")
+                       help="YAML file whose values override the defaults, or the name of a "
+                            "bundled config: " + ", ".join(bundled_configs()))
+        if name == "run":
+            p.add_argument("--force", action="store_true",
+                           help="redo a stage made with a different config (and the stages "
+                                "after it) instead of stopping")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="overrides applied after the YAML file, dotted for nested fields "
                             "(e.g. lora.rank=8 sft.max_lr=1e-4)")
@@ -62,9 +73,15 @@ def main(argv=None) -> int:
     from posttrain.sft import TrainingError
 
     try:
-        cfg = load_config(args.config, tuple(args.overrides))
+        config = args.config
+        if args.stage == "run" and config is None:
+            config = "demo"
+        cfg = load_config(config, tuple(args.overrides))
         module = importlib.import_module(STAGES[args.stage][0])
-        module.run(cfg)
+        if args.stage == "run":
+            module.run(cfg, force=args.force)
+        else:
+            module.run(cfg)
     except (ConfigError, DataError, ModelError, TrainingError) as e:
         print(f"posttrain {args.stage}: error: {e}", file=sys.stderr)
         return 2

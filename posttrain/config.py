@@ -374,9 +374,7 @@ def load_config(path: Optional[str] = None, overrides: tuple = ()) -> Config:
     cfg = OmegaConf.structured(Config)
     missing = set()  # keys the file marks `???`: the command line must set them
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        p = resolve_config_path(path)
         try:
             loaded = OmegaConf.load(p)
         except Exception as e:  # yaml.YAMLError and friends
@@ -401,6 +399,24 @@ def load_config(path: Optional[str] = None, overrides: tuple = ()) -> Config:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_describe_error(e, "config")) from e
+
+
+BUNDLED = Path(__file__).parent / "configs"
+
+
+def bundled_configs() -> list[str]:
+    return sorted(p.stem for p in BUNDLED.glob("*.yaml"))
+
+
+def resolve_config_path(path: str) -> Path:
+    """A YAML file's path, or the name of a bundled config (`demo`, `tldr-llama-3.2-1b`, ...)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (BUNDLED / f"{path}.yaml").is_file() and not p.suffix:
+        return BUNDLED / f"{path}.yaml"
+    raise ConfigError(f"config file {path} does not exist (bundled configs: "
+                      f"{', '.join(bundled_configs())})")
 
 
 def _merge(cfg, other, where: str):

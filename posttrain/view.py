@@ -29,7 +29,8 @@ def safe_json(obj) -> str:
 
 
 def page_data(prompts: list[dict], samples: list[dict], report: dict, title: str) -> dict:
-    models = list(report.get("models", {})) or sorted({s["model"] for s in samples})
+    order = ["base", "sft", "rl"]
+    models = sorted({s["model"] for s in samples}, key=lambda m: (order + [m]).index(m))
     by_model = {m: {} for m in models}
     for s in samples:
         by_model.setdefault(s["model"], {}).setdefault(s["prompt_index"], []).append(
