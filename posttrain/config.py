@@ -413,7 +413,7 @@ def resolve_config_path(path: str) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    if (BUNDLED / f"{path}.yaml").is_file() and not p.suffix:
+    if "/" not in path and (BUNDLED / f"{path}.yaml").is_file():
         return BUNDLED / f"{path}.yaml"
     raise ConfigError(f"config file {path} does not exist (bundled configs: "
                       f"{', '.join(bundled_configs())})")

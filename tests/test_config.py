@@ -82,3 +82,14 @@ def test_help_documents_every_field():
     for i, line in enumerate(lines):
         if line.startswith("  ") and " = " in line and not line.startswith("   "):
             assert lines[i + 1].startswith("      "), line
+
+
+def test_bundled_configs_load_by_name():
+    from posttrain.config import bundled_configs, resolve_config_path
+
+    assert {"demo", "tldr-llama-3.2-1b", "tldr-smollm2-cpu"} <= set(bundled_configs())
+    assert load_config("demo").out_dir == "runs/demo"
+    assert load_config("tldr-llama-3.2-1b").eval.prompts_split == "test"
+    assert resolve_config_path("configs/demo.yaml").read_text() == resolve_config_path("demo").read_text()
+    with pytest.raises(ConfigError, match="bundled configs: demo"):
+        load_config("no-such-config")
