@@ -48,6 +48,12 @@ class ModelConfig:
     """Allow model code from the Hub to run. Off unless you trust the repository."""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu` or `cuda`."""
+    merged_sampling: bool = True
+    """Sample (generate, eval, RL's held-out checks) from a copy of the policy with its LoRA
+    adapters merged into the weights, in the compute dtype, without autocast: about 2x the
+    new tokens/s on CPU. Under bf16 the log-probs it records differ from the training
+    forward's by rounding (~0.05 nats per token on average, KL ~0.002). false samples
+    through the adapters. A 4-bit base is never merged."""
 
     def __post_init__(self):
         _choice(self.precision, "model.precision", ("auto", "fp32", "bf16"))

@@ -193,20 +193,20 @@ def run(cfg: Config) -> dict:
     kl, all_recs = {}, []
     for name in e.models:
         recs = []
-        for b, s in enumerate(batches):
-            part = parts / f"{name}-{b:05d}.jsonl"
-            if not part.is_file():
-                gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + 77 + b)
-                with torch.no_grad(), _policy_context(model, name, has_rl), \
-                        modeling.autocast(device, dtype):
-                    batch = sample_records(model, tokenizer, texts[s:s + bs], ids[s:s + bs],
+        with _policy_context(model, name, has_rl), \
+                modeling.sampler(model, cfg.model, device, dtype) as policy:
+            for b, s in enumerate(batches):
+                part = parts / f"{name}-{b:05d}.jsonl"
+                if not part.is_file():
+                    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + 77 + b)
+                    batch = sample_records(policy, tokenizer, texts[s:s + bs], ids[s:s + bs],
                                            e.samples_per_prompt, max_new, gen, e.temperature,
                                            e.top_p)
-                for r in batch:
-                    r["group"] += s
-                atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in batch))
-            recs += [json.loads(line) for line in part.read_text().splitlines()]
-            bar.update(1)
+                    for r in batch:
+                        r["group"] += s
+                    atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in batch))
+                recs += [json.loads(line) for line in part.read_text().splitlines()]
+                bar.update(1)
         # 2. the RL policy's KL to SFT on its own samples
         if name == "rl":
             kl = kl_to_sft(model, recs, tokenizer.pad_token_id, device, dtype, bs)

@@ -113,21 +113,21 @@ def run(cfg: Config) -> dict:
     parts.mkdir(parents=True, exist_ok=True)
     t0, new_tokens = time.perf_counter(), 0
     bar = tqdm(batches, desc="generate", unit="batch")
-    for b, idx in enumerate(bar):
-        part = parts / f"{b:06d}.jsonl"
-        if part.is_file():
-            continue
-        # 2. sample; each batch has its own seed, so a resumed run draws the same tokens
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + b)
-        with modeling.autocast(device, dtype):
-            records = sample_records(model, tokenizer, [texts[i] for i in idx],
+    with modeling.sampler(model, cfg.model, device, dtype) as policy:
+        for b, idx in enumerate(bar):
+            part = parts / f"{b:06d}.jsonl"
+            if part.is_file():
+                continue
+            # 2. sample; each batch has its own seed, so a resumed run draws the same tokens
+            gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + b)
+            records = sample_records(policy, tokenizer, [texts[i] for i in idx],
                                      [prompts[i] for i in idx], g.samples_per_prompt,
                                      g.max_new_tokens, gen, g.temperature, g.top_p)
-        for r in records:  # group ids run over the whole set: one per prompt draw
-            r["group"] += b * g.batch_size
-        atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in records))
-        new_tokens += sum(len(r["completion_ids"]) for r in records)
-        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
+            for r in records:  # group ids run over the whole set: one per prompt draw
+                r["group"] += b * g.batch_size
+            atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in records))
+            new_tokens += sum(len(r["completion_ids"]) for r in records)
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
     bar.close()
 
     # 3. assemble: score = z-score of -length over the whole set, then save

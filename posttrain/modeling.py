@@ -266,6 +266,30 @@ def sft_only(model):
         _activate(model, (SFT, RL))
 
 
+@contextmanager
+def sampler(model, cfg, device: torch.device, dtype: torch.dtype):
+    """Yield the model to sample from, as it is now (active adapters, or all disabled).
+    With `model.merged_sampling` (and no 4-bit base): a copy with the active LoRA adapters
+    merged into its weights and cast to `dtype`, run without autocast (no per-call weight
+    casts, no adapter matmuls). Otherwise `model` itself under autocast."""
+    if not cfg.merged_sampling or cfg.load_in_4bit:
+        with autocast(device, dtype):
+            yield model
+        return
+    import copy
+
+    fast = copy.deepcopy(model)
+    if hasattr(fast, "merge_and_unload"):
+        disabled = any(getattr(m, "disable_adapters", False) for m in fast.modules()
+                       if hasattr(m, "lora_A"))
+        fast = fast.unload() if disabled else fast.merge_and_unload()
+    fast = fast.to(dtype).eval()
+    try:
+        yield fast
+    finally:
+        del fast
+
+
 # ---------------------------------------------------------------- forward
 
 def completion_logits(model, batch) -> torch.Tensor:

@@ -91,11 +91,11 @@ class HeldOut:
         model.eval()
         gen = torch.Generator(device=device).manual_seed(self.cfg.seed + 7)
         records = []
-        for s in range(0, len(self.ids), self.cfg.generate.batch_size):
-            with modeling.autocast(device, dtype):
+        bs = self.cfg.generate.batch_size
+        with modeling.sampler(model, self.cfg.model, device, dtype) as policy:
+            for s in range(0, len(self.ids), bs):
                 records += sample_records(
-                    model, self.tokenizer, self.texts[s:s + self.cfg.generate.batch_size],
-                    self.ids[s:s + self.cfg.generate.batch_size],
+                    policy, self.tokenizer, self.texts[s:s + bs], self.ids[s:s + bs],
                     self.cfg.rl.eval_samples_per_prompt, self.cfg.generate.max_new_tokens, gen,
                     self.cfg.generate.temperature, self.cfg.generate.top_p)
         model.train(was_training)
