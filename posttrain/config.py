@@ -107,6 +107,15 @@ class DataConfig:
     empty_completions: str = "error"
     """What to do with a row whose completion is empty or whitespace: `error` stops and names
     the row; `drop` skips such rows and reports how many."""
+    length_cue: Optional[str] = None
+    """Length-conditioned prompts: a template such as `TL;DR (about {length} characters):`
+    that replaces `cue_marker` at the end of every prompt (it is appended when the prompt
+    lacks it). SFT fills in each reference summary's own length; RL, generate and eval fill
+    in the length requested. null: plain prompts."""
+    cue_marker: str = "TL;DR:"
+    """The text at the end of a prompt that `length_cue` replaces."""
+    length_round: int = 10
+    """Lengths written into a cue are rounded to a multiple of this."""
     max_train_rows: Optional[int] = None
     """Use at most this many training rows (after filtering); null for all."""
     max_eval_rows: Optional[int] = None
@@ -117,6 +126,10 @@ class DataConfig:
         _choice(self.empty_completions, "data.empty_completions", ("error", "drop"))
         _positive(self.max_prompt_tokens, "data.max_prompt_tokens")
         _positive(self.max_completion_tokens, "data.max_completion_tokens")
+        if self.length_cue is not None and "{length}" not in self.length_cue:
+            raise ConfigError(f"data.length_cue={self.length_cue!r} must contain '{{length}}' "
+                              "where the requested length goes")
+        _positive(self.length_round, "data.length_round")
         if self.overlong == "truncate" and not 0 < self.truncate_keep_tail < self.max_prompt_tokens:
             raise ConfigError("data.truncate_keep_tail must be > 0 and < data.max_prompt_tokens")
 
@@ -186,6 +199,9 @@ class GenerateConfig:
     """Sampling temperature (the seed: 1)."""
     top_p: float = 1.0
     """Nucleus sampling mass (the seed: 1, no filtering)."""
+    target: Optional[int] = None
+    """With length-conditioned prompts (data.length_cue): the length every prompt asks for;
+    null draws one per prompt from rl.target_range."""
     push_to_hub: Optional[str] = None
     """Hub dataset repo id to push the generated set to; null keeps it local."""
 
@@ -219,17 +235,28 @@ class RewardConfig:
     def __post_init__(self):
         _choice(self.name, "reward.name", ("zscore", "log_zscore", "target_length"))
         _choice(self.unit, "reward.unit", ("chars", "tokens"))
-        if self.name == "target_length" and self.target is None:
-            raise ConfigError("reward.name=target_length needs reward.target (a length in "
-                              "reward.unit)")
         if self.width is not None:
             _positive(self.width, "reward.width")
 
 
 @dataclass(frozen=True)
 class RLConfig:
+    mode: str = "offline"
+    """`offline`: the seed's method, PPO-style passes over the generated set (samples of the
+    SFT policy). `online`: each iteration samples from the current policy
+    (generate.samples_per_prompt per prompt, generate's sampling settings), scores the
+    samples and takes PPO steps on them; the ratio is against the sampling policy, the KL
+    against the frozen SFT model (the same weights with the RL adapter off)."""
+    iterations: int = 16
+    """online: sampling rounds."""
+    prompts_per_iteration: int = 8
+    """online: prompts drawn (with replacement, seeded) per round from generate.prompts (or
+    data.train); each gets generate.samples_per_prompt samples."""
+    ppo_epochs: int = 1
+    """online: passes over each round's samples (each pass is one or more optimizer steps of
+    batch_size x grad_accum samples)."""
     epochs: float = 1.0
-    """Passes over the generated set."""
+    """offline: passes over the generated set."""
     max_steps: int = -1
     """Stop after this many optimizer steps; -1 means run `epochs`."""
     batch_size: int = 8
@@ -273,6 +300,9 @@ class RLConfig:
     """KL coefficient (the start value when adaptive)."""
     best_of_n: int = 3
     """N of the best-of-N KL target (N=3 gives 0.432 nats per token)."""
+    target_range: Optional[list] = None
+    """With length-conditioned prompts (data.length_cue): [min, max] lengths; each prompt RL
+    trains on asks for one drawn uniformly from this range, and the reward is centred on it."""
     kl_horizon: int = 100
     """Adaptive controller horizon in steps: larger moves beta more slowly."""
     eval_every: int = 0
@@ -288,7 +318,13 @@ class RLConfig:
     """How many recent checkpoints to keep."""
 
     def __post_init__(self):
+        _choice(self.mode, "rl.mode", ("offline", "online"))
         _choice(self.kl_control, "rl.kl_control", ("fixed", "adaptive"))
+        for name in ("iterations", "prompts_per_iteration", "ppo_epochs"):
+            _positive(getattr(self, name), f"rl.{name}")
+        if self.mode == "online" and self.advantage == "best_of_n":
+            raise ConfigError("rl.advantage=best_of_n is for offline mode (it distils a fixed "
+                              "set); use seed, group or stop with rl.mode=online")
         _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "best_of_n"))
         _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence"))
         for name in ("epochs", "batch_size", "grad_accum", "clip_eps", "adv_clamp",
@@ -331,6 +367,9 @@ class EvalConfig:
     """Nucleus sampling mass."""
     bootstrap: int = 2000
     """Bootstrap resamples for the 95% interval of the SFT/RL variance ratio."""
+    targets: list = field(default_factory=list)
+    """With length-conditioned prompts (data.length_cue): the lengths to ask for; every
+    prompt is sampled at each. [] means the middle of rl.target_range."""
 
     def __post_init__(self):
         bad = [m for m in self.models if m not in ("base", "sft", "rl")]
@@ -340,6 +379,8 @@ class EvalConfig:
         _positive(self.samples_per_prompt, "eval.samples_per_prompt")
         _positive(self.temperature, "eval.temperature")
         _positive(self.bootstrap, "eval.bootstrap")
+        if any(not isinstance(t, (int, float)) or t <= 0 for t in self.targets):
+            raise ConfigError(f"eval.targets={list(self.targets)!r}: expected positive lengths")
         for name in ("num_prompts", "max_new_tokens", "batch_size"):
             if getattr(self, name) is not None:
                 _positive(getattr(self, name), f"eval.{name}")
@@ -361,6 +402,21 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if (self.reward.name == "target_length" and self.reward.target is None
+                and self.data.length_cue is None):
+            raise ConfigError("reward.name=target_length needs reward.target (a length in "
+                              "reward.unit), or length-conditioned prompts (data.length_cue)")
+        r = self.rl.target_range
+        if r is not None and (len(r) != 2 or not 0 < r[0] <= r[1]):
+            raise ConfigError(f"rl.target_range={list(r)!r}: expected [min, max] with "
+                              "0 < min <= max")
+        if self.data.length_cue is not None and r is None:
+            raise ConfigError("data.length_cue is set: rl.target_range=[min,max] must say "
+                              "which lengths RL asks for")
+        if self.data.length_cue is not None and self.reward.unit != "chars":
+            raise ConfigError("data.length_cue asks for characters: use reward.unit=chars")
 
     @property
     def run_dir(self) -> Path:

@@ -7,6 +7,8 @@ causal mask.
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -111,6 +113,37 @@ def load_rows(source: str, split: str, cfg: DataConfig) -> list[dict]:
     if not rows:
         raise DataError(f"{where}: no rows with a non-empty {cfg.completion_field!r}")
     return rows
+
+
+# ---------------------------------------------------------------- length cues
+
+def round_length(length: float, cfg: DataConfig) -> int:
+    return max(cfg.length_round, int(round(length / cfg.length_round)) * cfg.length_round)
+
+
+def with_length_cue(prompt: str, length: float, cfg: DataConfig) -> str:
+    """The prompt asking for a summary of about `length` characters: its trailing
+    `cue_marker` replaced by `length_cue` filled with the rounded length."""
+    cue = cfg.length_cue.format(length=round_length(length, cfg))
+    body = prompt.rstrip()
+    if body.endswith(cfg.cue_marker):
+        body = body[:-len(cfg.cue_marker)]
+    else:
+        body = body + "\n\n"
+    return body + cue
+
+
+def requested_length(prompt: str, cfg: DataConfig) -> Optional[int]:
+    """The length a cued prompt asks for (None for a prompt without the cue)."""
+    head, _, tail = cfg.length_cue.partition("{length}")
+    m = re.search(re.escape(head) + r"(\d+)" + re.escape(tail) + r"\s*$", prompt)
+    return int(m.group(1)) if m else None
+
+
+def cue_rows(rows: list[dict], cfg: DataConfig) -> list[dict]:
+    """SFT rows with each prompt asking for its own reference's length."""
+    return [dict(r, prompt=with_length_cue(r["prompt"], len(r["completion"].strip()), cfg))
+            for r in rows]
 
 
 # ---------------------------------------------------------------- tokens

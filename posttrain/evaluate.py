@@ -20,7 +20,6 @@ import json
 import re
 import shutil
 import statistics
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +27,8 @@ from tqdm.auto import tqdm
 
 from posttrain import modeling, objectives as O, rewards
 from posttrain.config import Config, ConfigError, write_config
-from posttrain.generate import heldout_rows, sample_records
+from posttrain.data import round_length
+from posttrain.generate import cue_prompts, heldout_rows, sample_records
 from posttrain.io import atomic_write_json, atomic_write_text
 
 SENTENCE_END = (".", "!", "?", '"', "'", ")", "]", "*", "”", "’")
@@ -103,6 +103,23 @@ def compare(models: dict, samples: list[dict], n_boot: int, seed: int) -> dict:
             "rougeL_diff": rl["rougeL"] - sft["rougeL"]}
 
 
+def by_target(samples: list[dict]) -> dict:
+    """Per model and requested length: n, achieved mean, std, mean absolute error to the
+    request, and ROUGE-L."""
+    out: dict = {}
+    for s in samples:
+        out.setdefault(s["model"], {}).setdefault(str(s["target"]), []).append(s)
+    table = {}
+    for m, per in out.items():
+        table[m] = {}
+        for t, group in sorted(per.items(), key=lambda kv: float(kv[0])):
+            x = np.asarray([g["length_chars"] for g in group], dtype=np.float64)
+            table[m][t] = {"n": len(group), "mean": float(x.mean()), "std": float(x.std()),
+                           "mae": float(np.abs(x - float(t)).mean()),
+                           "rougeL": statistics.fmean(g["rougeL"] for g in group)}
+    return table
+
+
 def subreddit(prompt: str) -> str:
     m = re.search(r"SUBREDDIT:\s*r/(\S+)", prompt)
     return m.group(1) if m else ""
@@ -126,8 +143,8 @@ def kl_to_sft(model, records: list[dict], pad_id: int, device, dtype, batch_prom
     from posttrain.rl import policy_logprobs
 
     groups = {}
-    for i, r in enumerate(records):
-        groups.setdefault(r["group"], []).append(i)
+    for i, r in enumerate(records):  # a prompt asked for different lengths is another prompt
+        groups.setdefault((r["group"], r.get("target")), []).append(i)
     groups = list(groups.values())
     k3, k1, n = 0.0, 0.0, 0
     for s in range(0, len(groups), batch_prompts):
@@ -140,6 +157,15 @@ def kl_to_sft(model, records: list[dict], pad_id: int, device, dtype, batch_prom
         k1 += O.kl_k1(new, ref).sum().item()
         n += new.numel()
     return {"kl_k3": k3 / max(n, 1), "kl_k1": k1 / max(n, 1)}
+
+
+def eval_targets(cfg: Config) -> list:
+    """The lengths to ask for: [None] for plain prompts; eval.targets (or the middle of
+    rl.target_range) for length-conditioned ones."""
+    if not cfg.data.length_cue:
+        return [None]
+    wanted = cfg.eval.targets or [sum(cfg.rl.target_range) / 2]
+    return [round_length(t, cfg.data) for t in wanted]
 
 
 def _load_models(cfg: Config, device):
@@ -185,28 +211,34 @@ def run(cfg: Config) -> dict:
     model, has_rl = _load_models(cfg, device)
     model.eval()
 
-    # 1. sample every model on the same prompts, batch b with the same seed for all
+    # 1. sample every model on the same prompts, batch b with the same seed for all (and,
+    #    with length-conditioned prompts, at every requested length)
+    targets = eval_targets(cfg)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     batches = list(range(0, len(ids), bs))
-    bar = tqdm(total=len(batches) * len(e.models), desc="eval", unit="batch")
+    bar = tqdm(total=len(batches) * len(e.models) * len(targets), desc="eval", unit="batch")
     kl, all_recs = {}, []
     for name in e.models:
         recs = []
         with _policy_context(model, name, has_rl), \
                 modeling.sampler(model, cfg.model, device, dtype) as policy:
-            for b, s in enumerate(batches):
-                part = parts / f"{name}-{b:05d}.jsonl"
-                if not part.is_file():
-                    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + 77 + b)
-                    batch = sample_records(policy, tokenizer, texts[s:s + bs], ids[s:s + bs],
-                                           e.samples_per_prompt, max_new, gen, e.temperature,
-                                           e.top_p)
-                    for r in batch:
-                        r["group"] += s
-                    atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in batch))
-                recs += [json.loads(line) for line in part.read_text().splitlines()]
-                bar.update(1)
+            for target in targets:
+                for b, s in enumerate(batches):
+                    part = parts / f"{name}-{target or 'plain'}-{b:05d}.jsonl"
+                    if not part.is_file():
+                        want = [target] * len(texts[s:s + bs])
+                        p_texts, p_ids = ((texts[s:s + bs], ids[s:s + bs]) if target is None else
+                                          cue_prompts(texts[s:s + bs], want, tokenizer, cfg))
+                        gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + 77 + b)
+                        batch = sample_records(policy, tokenizer, p_texts, p_ids,
+                                               e.samples_per_prompt, max_new, gen, e.temperature,
+                                               e.top_p, want)
+                        for r in batch:
+                            r["group"] += s
+                        atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in batch))
+                    recs += [json.loads(line) for line in part.read_text().splitlines()]
+                    bar.update(1)
         # 2. the RL policy's KL to SFT on its own samples
         if name == "rl":
             kl = kl_to_sft(model, recs, tokenizer.pad_token_id, device, dtype, bs)
@@ -229,11 +261,12 @@ def finish(cfg: Config, rows: list[dict], recs: list[dict], kl: dict) -> dict:
         samples.append({"model": r["model"], "prompt_index": r["group"],
                         "completion": r["completion"], "length_chars": r["length_chars"],
                         "length_tokens": r["length_tokens"], "ended_with_eos": r["ended_with_eos"],
-                        "truncated": r["truncated"],
+                        "truncated": r["truncated"], "target": r.get("target"),
                         "abrupt": is_abrupt(r["completion"], r["truncated"]), **sc})
     set_lengths = _reward_lengths(cfg, samples)
+    targets = [s["target"] for s in samples]
     rew = rewards.compute([s["length_" + cfg.reward.unit] for s in samples], set_lengths,
-                          cfg.reward).tolist()
+                          cfg.reward, None if None in targets else targets).tolist()
     for s, w in zip(samples, rew):
         s["reward"] = w
     prompts = [{"prompt_index": i, "prompt": r["prompt"], "reference": refs[i],
@@ -249,6 +282,8 @@ def finish(cfg: Config, rows: list[dict], recs: list[dict], kl: dict) -> dict:
               "max_new_tokens": e.max_new_tokens or cfg.generate.max_new_tokens,
               "temperature": e.temperature, "top_p": e.top_p,
               **compare(models, samples, e.bootstrap, cfg.seed)}
+    if None not in targets:  # length-conditioned: the pooled spread mixes requests
+        report["by_target"] = by_target(samples)
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     atomic_write_text(out / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
     atomic_write_text(out / "report.md", report_markdown(report))
@@ -280,6 +315,13 @@ def report_markdown(report: dict) -> str:
         text += (f"\nVariance ratio SFT/RL: **{report['variance_ratio']:.2f}** (95% bootstrap "
                  f"{lo:.2f}-{hi:.2f}); RL mean {100 * report['mean_change']:+.1f}% vs SFT; "
                  f"ROUGE-L RL - SFT: {report['rougeL_diff']:+.2f} points.\n")
+    if "by_target" in report:
+        text += ("\n| model | asked (chars) | n | mean | std | mean abs. error | ROUGE-L |\n"
+                 "|---|---|---|---|---|---|---|\n")
+        for m, per in report["by_target"].items():
+            for t, r in per.items():
+                text += (f"| {m} | {t} | {r['n']} | {r['mean']:.1f} | {r['std']:.1f} | "
+                         f"{r['mae']:.1f} | {r['rougeL']:.1f} |\n")
     text += (f"\n{report['prompts']} held-out prompts x {report['samples_per_prompt']} samples per "
              f"model, temperature {report['temperature']}, top_p {report['top_p']}, up to "
              f"{report['max_new_tokens']} new tokens. Abrupt: truncated, ending in an ellipsis, "

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from posttrain import modeling, sampling
 from posttrain.config import Config, write_config
-from posttrain.data import DataError, fit_prompt, load_rows
+from posttrain.data import DataError, fit_prompt, load_rows, round_length, with_length_cue
 from posttrain.io import atomic_dir, atomic_write_json, atomic_write_text
 
 
@@ -37,11 +37,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def heldout_rows(source: str, split: str, tokenizer, cfg: Config) -> tuple[list[dict], list[list[int]]]:
+def heldout_rows(source: str, split: str, tokenizer, cfg: Config,
+                 length: int | None = None) -> tuple[list[dict], list[list[int]]]:
     """Rows of a data source whose prompt fits (the overlong policy applied), with the
-    prompt's token ids."""
+    prompt's token ids. With length-conditioned prompts (data.length_cue) the ids are those
+    of the prompt asking for `length` (default: the middle of rl.target_range)."""
     rows = load_rows(source, split, cfg.data)
-    ids = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    texts = [r["prompt"] for r in rows]
+    if cfg.data.length_cue:
+        length = length or sum(cfg.rl.target_range) / 2
+        texts = [with_length_cue(t, length, cfg.data) for t in texts]
+    ids = tokenizer(texts)["input_ids"]
     kept = [(r, fitted) for r, p in zip(rows, ids)
             if (fitted := fit_prompt(p, cfg.data)) is not None]
     if not kept:
@@ -56,10 +62,37 @@ def prompt_pool(source: str, split: str, tokenizer, cfg: Config) -> tuple[list[s
     return [r["prompt"] for r in rows], ids
 
 
+def draw_targets(n: int, cfg: Config, seed: int) -> list[int | None]:
+    """The length each of n prompts asks for: generate.target, or drawn uniformly from
+    rl.target_range (seeded); None for plain prompts."""
+    if not cfg.data.length_cue:
+        return [None] * n
+    if cfg.generate.target is not None:
+        return [round_length(cfg.generate.target, cfg.data)] * n
+    lo, hi = cfg.rl.target_range
+    u = torch.rand(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [round_length(lo + x * (hi - lo), cfg.data) for x in u]
+
+
+def cue_prompts(texts: list[str], targets: list, tokenizer, cfg: Config) -> tuple[list[str], list[list[int]]]:
+    """Each plain prompt rewritten to ask for its target length, and its token ids (a cue
+    that pushes a prompt past data.max_prompt_tokens costs it tokens from the middle).
+    Prompts with target None are returned as they are."""
+    if not cfg.data.length_cue:
+        return texts, tokenizer(texts)["input_ids"]
+    texts = [t if L is None else with_length_cue(t, L, cfg.data) for t, L in zip(texts, targets)]
+    limit, keep = cfg.data.max_prompt_tokens, cfg.data.truncate_keep_tail
+    ids = [p if len(p) <= limit else p[:limit - keep] + p[-keep:]
+           for p in tokenizer(texts)["input_ids"]]
+    return texts, ids
+
+
 def sample_records(model, tokenizer, texts: list[str], prompts: list[list[int]],
                    group_size: int, max_new_tokens: int, generator, temperature=1.0,
-                   top_p=1.0) -> list[dict]:
-    """Sample `group_size` completions per prompt; one record (a dict of plain values) each."""
+                   top_p=1.0, targets: list | None = None) -> list[dict]:
+    """Sample `group_size` completions per prompt; one record (a dict of plain values) each.
+    `targets`: the length each prompt asks for (length-conditioned prompts), kept in the
+    record as `target`."""
     samples = sampling.sample(model, prompts, group_size, max_new_tokens,
                               tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
                               temperature, top_p)
@@ -73,7 +106,8 @@ def sample_records(model, tokenizer, texts: list[str], prompts: list[list[int]],
             "logprobs": list(s.logprobs), "stop_logprobs": list(s.stop_logprobs),
             "ended_with_eos": s.ended_with_eos,
             "truncated": not s.ended_with_eos, "length_chars": len(text.strip()),
-            "length_tokens": len(body)})
+            "length_tokens": len(body),
+            "target": targets[s.prompt_index] if targets else None})
     return records
 
 
@@ -120,9 +154,13 @@ def run(cfg: Config) -> dict:
                 continue
             # 2. sample; each batch has its own seed, so a resumed run draws the same tokens
             gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + b)
-            records = sample_records(policy, tokenizer, [texts[i] for i in idx],
-                                     [prompts[i] for i in idx], g.samples_per_prompt,
-                                     g.max_new_tokens, gen, g.temperature, g.top_p)
+            targets = draw_targets(len(idx), cfg, cfg.seed * 7 + b)
+            batch_texts, batch_ids = ([texts[i] for i in idx], [prompts[i] for i in idx])
+            if cfg.data.length_cue:  # each draw asks for its own length
+                batch_texts, batch_ids = cue_prompts(batch_texts, targets, tokenizer, cfg)
+            records = sample_records(policy, tokenizer, batch_texts, batch_ids,
+                                     g.samples_per_prompt, g.max_new_tokens, gen,
+                                     g.temperature, g.top_p, targets)
             for r in records:  # group ids run over the whole set: one per prompt draw
                 r["group"] += b * g.batch_size
             atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in records))

@@ -91,6 +91,9 @@ def run(cfg: Config, force: bool = False) -> dict:
             _reset(cfg, names[i:])
             for s in names[i:]:
                 timings.pop(s, None)
+        if stage == "generate" and cfg.rl.mode == "online":
+            print("run: generate not needed (rl.mode=online samples its own rounds)")
+            continue
         if stage_done(cfg, stage):
             print(f"run: {stage} already done, skipping")
             continue

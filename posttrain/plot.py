@@ -5,6 +5,7 @@ Reads `<out_dir>/eval/samples.jsonl` and `<out_dir>/metrics.jsonl`; writes `<out
                        variance written on each
   lengths_overlay.png  the same histograms overlaid
   sft_training.png     SFT loss per step and held-out loss
+  length_control.png   requested vs achieved length (length-conditioned runs only)
   rl_training.png      RL loss, KL (with the best-of-N target), beta, reward, and the held-out
                        length mean and std from the periodic evaluations
 A figure whose inputs are missing is skipped with a message.
@@ -72,6 +73,29 @@ def length_figures(samples: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def control_figure(samples: list[dict], out: Path) -> Path:
+    """Requested vs achieved length (mean and std per model) for length-conditioned runs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    per: dict = {}
+    for s in samples:
+        per.setdefault(s["model"], {}).setdefault(s["target"], []).append(s["length_chars"])
+    top = 0.0
+    for k, (m, by_t) in enumerate(per.items()):
+        ts = sorted(by_t)
+        means = [np.mean(by_t[t]) for t in ts]
+        stds = [np.std(by_t[t]) for t in ts]
+        shift = (k - (len(per) - 1) / 2) * 2.5
+        ax.errorbar([t + shift for t in ts], means, yerr=stds, fmt="o-", capsize=4,
+                    color=COLORS.get(m), label=f"{LABELS.get(m, m)} (mean ± std)")
+        top = max(top, max(ts), max(a + b for a, b in zip(means, stds)))
+    ax.plot([0, top * 1.05], [0, top * 1.05], "k--", lw=0.8, label="achieved = requested")
+    ax.set_xlabel("requested length (characters)")
+    ax.set_ylabel("achieved length (characters)")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "length_control.png")
+
+
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
     """(steps, values) of one metric, by step; a step logged twice keeps its last value."""
     by_step = {r["step"]: r[key] for r in rows if r.get(key) is not None}
@@ -125,6 +149,8 @@ def run(cfg: Config) -> list[Path]:
     if samples_file.is_file():
         samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line]
         paths += length_figures(samples, out)
+        if samples and all(s.get("target") is not None for s in samples):
+            paths.append(control_figure(samples, out))
     else:
         print(f"plot: no {samples_file} (run `posttrain eval`); skipping the length figures")
     paths += training_figures(cfg.run_dir, out)

@@ -9,7 +9,6 @@ configured) to rewards, given the lengths of the whole generated set for its sta
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -21,31 +20,43 @@ def _mean_std(x: torch.Tensor) -> tuple[float, float]:
     return x.mean().item(), max(x.std(unbiased=False).item(), 1e-8)
 
 
-def zscore(lengths: torch.Tensor, set_lengths: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
+def _target(cfg: RewardConfig, targets, default):
+    """The centre: per-sample requested lengths (length-conditioned prompts), else
+    reward.target, else `default`."""
+    if targets is not None:
+        return targets
+    return default if cfg.target is None else torch.tensor(float(cfg.target), dtype=torch.float64)
+
+
+def zscore(lengths, set_lengths, cfg: RewardConfig, targets=None) -> torch.Tensor:
     """1 - |z|, z = (len - centre) / std (the seed's score is z of -len: the same |z|)."""
     mean, std = _mean_std(set_lengths)
-    centre = mean if cfg.target is None else cfg.target
-    return 1.0 - ((lengths - centre) / std).abs()
+    return 1.0 - ((lengths - _target(cfg, targets, mean)) / std).abs()
 
 
-def log_zscore(lengths: torch.Tensor, set_lengths: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
+def log_zscore(lengths, set_lengths, cfg: RewardConfig, targets=None) -> torch.Tensor:
     """1 - |z| of log(1 + len) over the set (centre: the set's mean log, or log(1 + target))."""
     mean, std = _mean_std(torch.log1p(set_lengths))
-    centre = mean if cfg.target is None else math.log1p(cfg.target)
+    centre = _target(cfg, targets, None)
+    centre = mean if centre is None else torch.log1p(torch.as_tensor(centre, dtype=torch.float64))
     return 1.0 - ((torch.log1p(lengths) - centre) / std).abs()
 
 
-def target_length(lengths: torch.Tensor, set_lengths: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
+def target_length(lengths, set_lengths, cfg: RewardConfig, targets=None) -> torch.Tensor:
     """1 - |len - target| / width; width defaults to the set's std."""
     width = cfg.width if cfg.width is not None else _mean_std(set_lengths)[1]
-    return 1.0 - (lengths - cfg.target).abs() / width
+    return 1.0 - (lengths - _target(cfg, targets, None)).abs() / width
 
 
 REWARDS: dict[str, Callable] = {"zscore": zscore, "log_zscore": log_zscore,
                                 "target_length": target_length}
 
 
-def compute(lengths, set_lengths, cfg: RewardConfig) -> torch.Tensor:
-    """Rewards (S,) for `lengths` (S,), with statistics from `set_lengths` (M,)."""
+def compute(lengths, set_lengths, cfg: RewardConfig, targets=None) -> torch.Tensor:
+    """Rewards (S,) for `lengths` (S,), with statistics from `set_lengths` (M,); `targets`
+    (S,), when given, are the lengths each sample was asked for."""
+    if targets is not None:
+        targets = torch.as_tensor(targets, dtype=torch.float64)
     return REWARDS[cfg.name](torch.as_tensor(lengths, dtype=torch.float64),
-                             torch.as_tensor(set_lengths, dtype=torch.float64), cfg).float()
+                             torch.as_tensor(set_lengths, dtype=torch.float64), cfg,
+                             targets).float()

@@ -1,5 +1,5 @@
-"""The RL stage (offline, the seed's method): PPO-style updates on the generated set
-against the frozen SFT policy.
+"""The RL stage: PPO-style updates against the frozen SFT policy, offline on the generated
+set (the seed's method) or online (`rl.mode: online`, in online.py).
 
 The behaviour log-probabilities recorded at generation are pi_sft for those tokens, so the
 ratio's denominator and the KL reference need no second model and no second forward pass;
@@ -29,22 +29,25 @@ from posttrain.sft import (TrainingError, build_optimizer, build_scheduler, opti
                            setup_accelerator, to_device)
 
 
-def step_plan(records: list[dict], cfg: Config) -> list[list[list[list[int]]]]:
+def step_plan(records: list[dict], cfg: Config, epochs: float | None = None,
+              seed: int | None = None) -> list[list[list[list[int]]]]:
     """Optimizer steps -> micro-batches -> prompt groups -> sample indices, fixed by the
-    seed. A micro-batch holds rl.batch_size samples, rounded down to whole prompt groups."""
+    seed. A micro-batch holds rl.batch_size samples, rounded down to whole prompt groups.
+    `epochs` passes (default rl.epochs), each in its own seeded order."""
+    epochs = cfg.rl.epochs if epochs is None else epochs
+    seed = cfg.seed if seed is None else seed
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault(r["group"], []).append(i)
     groups_list = list(groups.values())
     per_micro = max(1, cfg.rl.batch_size // len(groups_list[0]))
     order = []
-    for epoch in range(math.ceil(cfg.rl.epochs)):
-        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+    for epoch in range(math.ceil(epochs)):
+        gen = torch.Generator().manual_seed(seed + epoch)
         order += torch.randperm(len(groups_list), generator=gen).tolist()
-    order = [groups_list[i] for i in order[:int(round(cfg.rl.epochs * len(groups_list)))]]
+    order = [groups_list[i] for i in order[:int(round(epochs * len(groups_list)))]]
     micro = [order[i:i + per_micro] for i in range(0, len(order), per_micro)]
-    steps = [micro[i:i + cfg.rl.grad_accum] for i in range(0, len(micro), cfg.rl.grad_accum)]
-    return steps[:cfg.rl.max_steps] if cfg.rl.max_steps > 0 else steps
+    return [micro[i:i + cfg.rl.grad_accum] for i in range(0, len(micro), cfg.rl.grad_accum)]
 
 
 def best_of_groups(records: list[dict], reward: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
@@ -138,7 +141,180 @@ def prefix_lengths(records: list[dict], tokenizer, unit: str) -> list[list[int]]
     return out
 
 
+def step_rewards(records: list[dict], set_lengths, tokenizer, cfg: Config):
+    """Rewards (S,) of the samples, and with rl.advantage=stop the reward each would have
+    earned had it stopped before each of its tokens (one (T_s,) tensor per sample)."""
+    targets = [r.get("target") for r in records]
+    if any(t is None for t in targets):
+        targets = None   # plain prompts: the reward's own centre
+    reward = rewards.compute([r["length_" + cfg.reward.unit] for r in records], set_lengths,
+                             cfg.reward, targets)
+    stop_reward = None
+    if cfg.rl.advantage == "stop":
+        stop_reward = [rewards.compute(p, set_lengths, cfg.reward,
+                                       None if targets is None else [targets[k]] * len(p))
+                       for k, p in enumerate(prefix_lengths(records, tokenizer, cfg.reward.unit))]
+    return reward, stop_reward
+
+
+def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, reward_all,
+               stop_reward, beta: float, cfg: Config, tokenizer, online: bool) -> dict:
+    """One optimizer step over `micro` (micro-batches -> prompt groups -> sample indices).
+    records[i]["logprobs"] are the sampling policy's (pi_old). Offline that policy is the
+    SFT model, so it is also the KL reference; online the reference is the same weights
+    with the RL adapter off (one no-grad forward). Returns the step's metrics."""
+    t0 = time.perf_counter()
+    eos = tokenizer.eos_token_id
+    # 1. batch: this step's samples and their advantages
+    flat = [i for mb in micro for g in mb for i in g]
+    lengths = lengths_of(records, flat)
+    group = torch.tensor([k for k, g in enumerate(g for mb in micro for g in mb) for _ in g])
+    adv_all, weight_all = step_advantages(reward_all[flat], lengths, group, cfg)
+    n_tokens, offset = int(lengths.sum()), 0
+    # tokens the forward passes process: a shared prompt counts once for its group
+    prompt_tokens = sum(len(records[g[0]]["prompt_ids"]) * (1 if cfg.rl.share_prompt else len(g))
+                        for mb in micro for g in mb)
+    sums = dict(policy_loss=0.0, kl=0.0, kl_k1=0.0, clipped=0.0, ratio=0.0)
+    total_loss, ratio_max = 0.0, 0.0  # the objective as optimized (weighting depends on mode)
+    for groups in micro:
+        ids = [i for g in groups for i in g]
+        old = torch.tensor([lp for i in ids for lp in records[i]["logprobs"]], device=acc.device)
+        adv = adv_all[offset:offset + len(old)].to(acc.device)
+        weight = weight_all[offset:offset + len(old)].to(acc.device)
+        offset += len(old)
+        # 2. log-probs of the sampled tokens under the current policy (and the reference)
+        with acc.autocast():
+            new = policy_logprobs(model, records, groups, tokenizer.pad_token_id, acc.device,
+                                  cfg.rl.share_prompt, eos if stop_reward else None)
+        ref = old
+        if online:
+            with torch.no_grad(), modeling.sft_only(acc.unwrap_model(model)), acc.autocast():
+                ref = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
+                                      acc.device, cfg.rl.share_prompt).float()
+        kl_weight = weight
+        if stop_reward:  # 3a. counterfactual stop credit, summed per sample
+            new, lp_stop = new
+            old_stop = (torch.tensor([x for i in ids for x in records[i]["stop_logprobs"]],
+                                     device=acc.device)
+                        if "stop_logprobs" in records[ids[0]] else None)
+            pl = O.stop_credit_loss(
+                lp_stop, torch.cat([stop_reward[i] for i in ids]).to(acc.device),
+                reward_all[ids].repeat_interleave(lengths_of(records, ids)).to(acc.device),
+                torch.cat([torch.tensor(records[i]["completion_ids"]) != eos
+                           for i in ids]).to(acc.device), old_stop, cfg.rl.clip_eps)
+            _, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+            kl_weight = torch.full_like(weight, 1.0 / n_tokens)
+        else:            # 3b. clipped policy loss, averaged per token or per sample
+            pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+        # 4. + beta * k3 KL to the SFT policy
+        kl = O.kl_k3(new, ref)
+        loss = (pl * weight).sum() + beta * (kl * kl_weight).sum()
+        if not torch.isfinite(loss):
+            raise TrainingError("rl: non-finite loss")
+        acc.backward(loss)
+        total_loss += loss.item()
+        for k, v in (("policy_loss", pl), ("kl", kl), ("kl_k1", O.kl_k1(new, ref)),
+                     ("clipped", clipped.float()), ("ratio", ratio)):
+            sums[k] += v.detach().sum().item()
+        ratio_max = max(ratio_max, ratio.detach().max().item())
+    # 5. clip gradients and step
+    grad_norm, lr = optimizer_step(acc, model, optimizer, scheduler, cfg.rl.max_grad_norm)
+    m = {k: v / n_tokens for k, v in sums.items()}
+    return dict(loss=total_loss, policy_loss=m["policy_loss"], kl=m["kl"], kl_k1=m["kl_k1"],
+                beta=beta, clip_frac=m["clipped"], ratio_mean=m["ratio"], ratio_max=ratio_max,
+                adv_mean=adv_all.mean().item(), adv_std=adv_all.std().item(),
+                reward_mean=reward_all[flat].mean().item(), lr=lr, grad_norm=float(grad_norm),
+                tokens_per_s=(n_tokens + prompt_tokens) / (time.perf_counter() - t0))
+
+
+class Trainer:
+    """What the offline and online loops share: the policy (base + frozen SFT adapter + a
+    fresh RL adapter, B = 0 so it starts equal to SFT), optimizer, schedule, checkpoints,
+    metrics, the held-out length checks, and beta."""
+
+    def __init__(self, cfg: Config, total_steps: int, tokenizer, acc, dtype):
+        self.cfg, self.tokenizer, self.acc, self.dtype = cfg, tokenizer, acc, dtype
+        self.out = cfg.run_dir / "rl"
+        model = modeling.load_policy(cfg, acc.device, cfg.run_dir / "sft" / "adapter", rl="new")
+        optimizer = build_optimizer(model, cfg.rl)
+        self.scheduler = build_scheduler(optimizer, cfg.rl, total_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.total = total_steps
+        self.step, self.extra = 0, {"beta": cfg.rl.beta}
+        last = checkpoint.latest(self.ckpt_dir)
+        if last is not None:
+            self.step, self.extra = checkpoint.load(last, acc.unwrap_model(self.model),
+                                                    self.optimizer, self.scheduler,
+                                                    adapter=modeling.RL)
+            print(f"rl: resuming from {last} (step {self.step} of {total_steps})")
+        self.metrics = MetricsLogger(cfg.run_dir, "rl", enabled=acc.is_main_process,
+                                     resume_step=self.step if last is not None else -1)
+        self.held_out = HeldOut(cfg, tokenizer)
+        self.kl_target = O.best_of_n_kl(cfg.rl.best_of_n)
+        if "eval_before" not in self.extra:
+            self.extra["eval_before"] = self.held_out.lengths(self.model, acc.device, dtype)
+            self.metrics.log(0, **self.extra["eval_before"])
+        self.model.train()
+        self.bar = tqdm(total=total_steps, initial=self.step, desc="rl",
+                        disable=not acc.is_main_process)
+
+    def step_on(self, records, micro, reward_all, stop_reward, online: bool, **logged) -> None:
+        """Train one step, steer beta, log, evaluate and checkpoint as configured."""
+        cfg = self.cfg
+        try:
+            row = train_step(self.model, self.acc, self.optimizer, self.scheduler, records,
+                             micro, reward_all, stop_reward, self.extra["beta"], cfg,
+                             self.tokenizer, online)
+        except TrainingError as e:
+            raise TrainingError(f"{e} at step {self.step + 1}; the last good checkpoint is "
+                                f"{checkpoint.latest(self.ckpt_dir)}") from None
+        self.step += 1
+        # 6. beta: fixed, or steered toward the best-of-N KL target
+        if cfg.rl.kl_control == "adaptive":
+            self.extra["beta"] = O.adaptive_beta(self.extra["beta"], row["kl"], self.kl_target,
+                                                 cfg.rl.kl_horizon)
+        # 7. log, evaluate, checkpoint
+        row.update(kl_target=self.kl_target, **logged)
+        if cfg.rl.eval_every and self.step % cfg.rl.eval_every == 0 and self.step < self.total:
+            row.update(self.held_out.lengths(self.model, self.acc.device, self.dtype))
+        self.metrics.log(self.step, **row)
+        self.bar.set_postfix(kl=f"{row['kl']:.3f}", ratio=f"{row['ratio_mean']:.3f}",
+                             beta=f"{row['beta']:.3g}")
+        self.bar.update(1)
+
+    def checkpoint_due(self) -> bool:
+        every = self.cfg.rl.checkpoint_every
+        return bool(every) and self.step % every == 0 and self.step < self.total
+
+    def save_checkpoint(self) -> None:
+        if self.acc.is_main_process:
+            checkpoint.save(self.ckpt_dir, self.step, self.acc.unwrap_model(self.model),
+                            self.optimizer, self.scheduler, self.extra,
+                            keep=self.cfg.rl.keep_checkpoints, adapter=modeling.RL)
+
+    def finish(self, **summary) -> dict:
+        self.bar.close()
+        before = self.extra["eval_before"]
+        after = self.held_out.lengths(self.model, self.acc.device, self.dtype)
+        self.metrics.log(self.step, **after)
+        self.metrics.close()
+        summary = {"steps": self.step, "beta_final": self.extra["beta"],
+                   "kl_target": self.kl_target, "eval_before": before, "eval_after": after,
+                   **summary}
+        if self.acc.is_main_process:
+            modeling.save_adapter(self.acc.unwrap_model(self.model), self.tokenizer,
+                                  self.out / "adapter", modeling.RL)
+            atomic_write_json(self.out / "summary.json", summary)
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        print(f"rl: held-out length {before['eval_len_mean']:.1f} ± {before['eval_len_std']:.1f}"
+              f" -> {after['eval_len_mean']:.1f} ± {after['eval_len_std']:.1f} chars; adapter in "
+              f"{self.out / 'adapter'}")
+        return summary
+
+
 def run(cfg: Config) -> dict:
+    """Train the RL adapter (offline on the generated set, or online); returns the summary."""
     out = cfg.run_dir / "rl"
     if (out / "summary.json").is_file() and (out / "adapter").is_dir():
         print(f"rl: already finished in {out} (delete it to train again)")
@@ -147,129 +323,21 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     acc, dtype = setup_accelerator(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter"))
-    records, stats = load_set(cfg.run_dir, tokenizer)
+    if cfg.rl.mode == "online":
+        from posttrain.online import run_online
+        return run_online(cfg, acc, dtype, tokenizer)
+
+    records, _ = load_set(cfg.run_dir, tokenizer)
     set_lengths = [r["length_" + cfg.reward.unit] for r in records]
-    reward_all = rewards.compute(set_lengths, set_lengths, cfg.reward)             # (S,)
-    stop_reward = None
-    if cfg.rl.advantage == "stop":   # the reward each sample would get had it stopped at t
-        stop_reward = [rewards.compute(p, set_lengths, cfg.reward)
-                       for p in prefix_lengths(records, tokenizer, cfg.reward.unit)]
+    reward_all, stop_reward = step_rewards(records, set_lengths, tokenizer, cfg)     # (S,)
     if cfg.rl.advantage == "best_of_n":  # train on the best sample of each prompt group only
         records, reward_all = best_of_groups(records, reward_all)
-    held_out = HeldOut(cfg, tokenizer)
-
-    # The policy: base + frozen SFT adapter + fresh RL adapter (B = 0: equal to SFT).
-    model = modeling.load_policy(cfg, acc.device, cfg.run_dir / "sft" / "adapter", rl="new")
     plan = step_plan(records, cfg)
-    optimizer = build_optimizer(model, cfg.rl)
-    scheduler = build_scheduler(optimizer, cfg.rl, len(plan))
-    model, optimizer = acc.prepare(model, optimizer)
-    ckpt_dir = out / "checkpoints"
-    step, extra = 0, {"beta": cfg.rl.beta}
-    if (last := checkpoint.latest(ckpt_dir)) is not None:
-        step, extra = checkpoint.load(last, acc.unwrap_model(model), optimizer, scheduler,
-                                      adapter=modeling.RL)
-        print(f"rl: resuming from {last} (step {step} of {len(plan)})")
-    metrics = MetricsLogger(cfg.run_dir, "rl", enabled=acc.is_main_process,
-                            resume_step=step if last is not None else -1)
-    if "eval_before" not in extra:
-        extra["eval_before"] = held_out.lengths(model, acc.device, dtype)
-        metrics.log(0, **extra["eval_before"])
-    target = O.best_of_n_kl(cfg.rl.best_of_n)
-
-    model.train()
-    bar = tqdm(total=len(plan), initial=step, desc="rl", disable=not acc.is_main_process)
-    while step < len(plan):
-        t0 = time.perf_counter()
-        # 1. batch: this step's samples and their advantages
-        micro = plan[step]
-        flat = [i for mb in micro for g in mb for i in g]
-        lengths = torch.tensor([len(records[i]["completion_ids"]) for i in flat])
-        group = torch.tensor([k for k, g in enumerate(g for mb in micro for g in mb) for _ in g])
-        adv_all, weight_all = step_advantages(reward_all[flat], lengths, group, cfg)
-        n_tokens, offset = int(lengths.sum()), 0
-        # tokens the forward passes process: a shared prompt counts once for its group
-        prompt_tokens = sum(len(records[g[0]]["prompt_ids"]) * (1 if cfg.rl.share_prompt else len(g))
-                            for mb in micro for g in mb)
-        sums = dict(policy_loss=0.0, kl=0.0, kl_k1=0.0, clipped=0.0, ratio=0.0)
-        total_loss = 0.0  # the objective as optimized (its weighting depends on the mode)
-        ratio_max = 0.0
-        for groups in micro:
-            old = torch.tensor([lp for g in groups for i in g for lp in records[i]["logprobs"]],
-                               device=acc.device)                                   # (N,)
-            adv = adv_all[offset:offset + len(old)].to(acc.device)
-            weight = weight_all[offset:offset + len(old)].to(acc.device)
-            offset += len(old)
-            # 2. log-probs of the sampled tokens under the current policy
-            with acc.autocast():
-                new = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
-                                      acc.device, cfg.rl.share_prompt,
-                                      tokenizer.eos_token_id if stop_reward else None)
-            kl_weight = weight
-            if stop_reward:  # 3a. counterfactual stop credit, summed per sample
-                new, lp_stop = new
-                ids = [i for g in groups for i in g]
-                old_stop = (torch.tensor([x for i in ids for x in records[i]["stop_logprobs"]],
-                                         device=acc.device)
-                            if "stop_logprobs" in records[ids[0]] else None)
-                pl = O.stop_credit_loss(
-                    lp_stop, torch.cat([stop_reward[i] for i in ids]).to(acc.device),
-                    reward_all[ids].repeat_interleave(lengths_of(records, ids)).to(acc.device),
-                    torch.cat([torch.tensor(records[i]["completion_ids"]) != tokenizer.eos_token_id
-                               for i in ids]).to(acc.device), old_stop, cfg.rl.clip_eps)
-                _, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
-                kl_weight = torch.full_like(weight, 1.0 / n_tokens)
-            else:            # 3b. clipped policy loss, averaged per token or per sample
-                pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
-            # 4. + beta * k3 KL to the SFT policy
-            kl = O.kl_k3(new, old)
-            loss = (pl * weight).sum() + extra["beta"] * (kl * kl_weight).sum()
-            if not torch.isfinite(loss):
-                raise TrainingError(f"rl: non-finite loss at step {step + 1}; the last good "
-                                    f"checkpoint is {checkpoint.latest(ckpt_dir)}")
-            acc.backward(loss)
-            total_loss += loss.item()
-            for k, v in (("policy_loss", pl), ("kl", kl),
-                         ("kl_k1", O.kl_k1(new, old)), ("clipped", clipped.float())):
-                sums[k] += v.detach().sum().item()
-            sums["ratio"] += ratio.detach().sum().item()
-            ratio_max = max(ratio_max, ratio.detach().max().item())
-        # 5. clip gradients and step
-        grad_norm, lr = optimizer_step(acc, model, optimizer, scheduler, cfg.rl.max_grad_norm)
-        step += 1
-        # 6. beta: fixed, or steered toward the best-of-N KL target
-        m = {k: v / n_tokens for k, v in sums.items()}
-        beta_used = extra["beta"]
-        if cfg.rl.kl_control == "adaptive":
-            extra["beta"] = O.adaptive_beta(extra["beta"], m["kl"], target, cfg.rl.kl_horizon)
-        # 7. log, evaluate, checkpoint
-        dt = time.perf_counter() - t0
-        row = dict(loss=total_loss, policy_loss=m["policy_loss"], kl=m["kl"], kl_k1=m["kl_k1"],
-                   beta=beta_used, kl_target=target, clip_frac=m["clipped"], ratio_mean=m["ratio"],
-                   ratio_max=ratio_max, adv_mean=adv_all.mean().item(), adv_std=adv_all.std().item(),
-                   reward_mean=reward_all[flat].mean().item(), lr=lr, grad_norm=float(grad_norm),
-                   tokens_per_s=(n_tokens + prompt_tokens) / dt)
-        if cfg.rl.eval_every and step % cfg.rl.eval_every == 0 and step < len(plan):
-            row.update(held_out.lengths(model, acc.device, dtype))
-        metrics.log(step, **row)
-        bar.set_postfix(kl=f"{m['kl']:.3f}", ratio=f"{m['ratio']:.3f}", beta=f"{beta_used:.3g}")
-        bar.update(1)
-        if cfg.rl.checkpoint_every and step % cfg.rl.checkpoint_every == 0 and step < len(plan):
-            if acc.is_main_process:
-                checkpoint.save(ckpt_dir, step, acc.unwrap_model(model), optimizer, scheduler,
-                                extra, keep=cfg.rl.keep_checkpoints, adapter=modeling.RL)
-    bar.close()
-
-    after = held_out.lengths(model, acc.device, dtype)
-    metrics.log(step, **after)
-    metrics.close()
-    summary = {"steps": step, "samples": len(records), "beta_final": extra["beta"],
-               "kl_target": target, "eval_before": extra["eval_before"], "eval_after": after}
-    if acc.is_main_process:
-        modeling.save_adapter(acc.unwrap_model(model), tokenizer, out / "adapter", modeling.RL)
-        atomic_write_json(out / "summary.json", summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    print(f"rl: held-out length {extra['eval_before']['eval_len_mean']:.1f} ± "
-          f"{extra['eval_before']['eval_len_std']:.1f} -> {after['eval_len_mean']:.1f} ± "
-          f"{after['eval_len_std']:.1f} chars; adapter in {out / 'adapter'}")
-    return summary
+    if cfg.rl.max_steps > 0:
+        plan = plan[:cfg.rl.max_steps]
+    trainer = Trainer(cfg, len(plan), tokenizer, acc, dtype)
+    while trainer.step < len(plan):
+        trainer.step_on(records, plan[trainer.step], reward_all, stop_reward, online=False)
+        if trainer.checkpoint_due():
+            trainer.save_checkpoint()
+    return trainer.finish(samples=len(records))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from posttrain import checkpoint, modeling
 from posttrain.config import Config, write_config
-from posttrain.data import (Example, collate, length_grouped_batches, load_rows,
+from posttrain.data import (Example, collate, cue_rows, length_grouped_batches, load_rows,
                             tokenize_rows)
 from posttrain.io import atomic_write_json
 from posttrain.metrics import MetricsLogger
@@ -40,10 +39,14 @@ def setup_accelerator(cfg: Config):
 
 
 def load_split_rows(cfg: Config) -> dict:
-    """The train and eval rows (strings), read and checked before any model is loaded."""
-    return {name: load_rows(source, split, cfg.data) for name, source, split in (
+    """The train and eval rows (strings), read and checked before any model is loaded. With
+    `data.length_cue` each prompt asks for its own reference summary's length."""
+    rows = {name: load_rows(source, split, cfg.data) for name, source, split in (
         ("train", cfg.data.train, cfg.data.train_split),
         ("eval", cfg.data.eval, cfg.data.eval_split))}
+    if cfg.data.length_cue:
+        rows = {name: cue_rows(r, cfg.data) for name, r in rows.items()}
+    return rows
 
 
 def load_examples(cfg: Config, rows: dict, tokenizer, log=print) -> tuple[list, list]:

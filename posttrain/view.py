@@ -35,7 +35,7 @@ def page_data(prompts: list[dict], samples: list[dict], report: dict, title: str
     for s in samples:
         by_model.setdefault(s["model"], {}).setdefault(s["prompt_index"], []).append(
             {k: s.get(k) for k in ("completion", "length_chars", "length_tokens", "reward",
-                                   "truncated", "rougeL")})
+                                   "truncated", "rougeL", "target")})
     return {"title": title, "models": models, "prompts": prompts, "samples": by_model,
             "report": report}
 
@@ -225,7 +225,7 @@ function render() {
     for (const m of D.models) {
       const x = sampleOf(m, p, k); if (!x) continue;
       const d = el("div", {class: "summ " + m, "data-model": m});
-      d.appendChild(el("span", {class: "len"}, x.length_chars + " chars, reward " + fmt(x.reward, 2) + (x.truncated ? ", truncated" : "")));
+      d.appendChild(el("span", {class: "len"}, (x.target ? "asked " + x.target + ": " : "") + x.length_chars + " chars, reward " + fmt(x.reward, 2) + (x.truncated ? ", truncated" : "")));
       d.appendChild(el("b", {}, m));
       d.appendChild(el("div", {class: "text"}, x.completion));
       row.appendChild(d);

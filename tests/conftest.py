@@ -68,3 +68,21 @@ def tiny_cfg(tiny_model_dir, tmp_path):
             "data.max_prompt_tokens=1024", "sft.batch_size=4", "sft.max_lr=3e-3",
             "sft.min_lr=3e-4", "sft.warmup_ratio=0.0", "sft.checkpoint_every=2") + overrides)
     return make
+
+
+TINY = ("model.precision=fp32", "lora.rank=4", "lora.alpha=8", "data.max_train_rows=8",
+        "data.max_eval_rows=6", "data.max_prompt_tokens=1024", "sft.max_steps=2",
+        "generate.num_samples=12", "generate.samples_per_prompt=4", "generate.batch_size=3",
+        "generate.max_new_tokens=10", "rl.batch_size=4", "rl.max_steps=2", "rl.eval_prompts=2",
+        "rl.max_lr=1e-2", "rl.min_lr=1e-3", "eval.num_prompts=3", "eval.samples_per_prompt=2",
+        "eval.models=[base,sft,rl]", "eval.bootstrap=50")
+
+
+@pytest.fixture(scope="session")
+def tiny_args():
+    """Overrides for a whole pipeline on the tiny model in seconds."""
+    def make(model_dir, out_dir, *extra):
+        return (f"out_dir={out_dir}", f"model.name={model_dir}", *TINY, *extra)
+    return make
+
+

@@ -13,20 +13,8 @@ import pytest
 from posttrain import pipeline, view
 from posttrain.config import ConfigError, load_config
 
-TINY = ("model.precision=fp32", "lora.rank=4", "lora.alpha=8", "data.max_train_rows=8",
-        "data.max_eval_rows=6", "data.max_prompt_tokens=1024", "sft.max_steps=2",
-        "generate.num_samples=12", "generate.samples_per_prompt=4", "generate.batch_size=3",
-        "generate.max_new_tokens=10", "rl.batch_size=4", "rl.max_steps=2", "rl.eval_prompts=2",
-        "rl.max_lr=1e-2", "rl.min_lr=1e-3", "eval.num_prompts=3", "eval.samples_per_prompt=2",
-        "eval.models=[base,sft,rl]", "eval.bootstrap=50")
-
-
-def tiny_args(model_dir, out_dir, *extra):
-    return (f"out_dir={out_dir}", f"model.name={model_dir}", *TINY, *extra)
-
-
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model_dir):
+def finished(tmp_path_factory, tiny_model_dir, tiny_args):
     out = tmp_path_factory.mktemp("pipe") / "run"
     cfg = load_config(None, tiny_args(tiny_model_dir, out))
     timings = pipeline.run(cfg)
@@ -78,7 +66,7 @@ def test_second_run_skips_every_stage(finished, capsys):
     assert "variance ratio SFT/RL" in out and "viewer:" in out
 
 
-def test_changed_config_is_refused_unless_forced(finished, tmp_path):
+def test_changed_config_is_refused_unless_forced(finished, tmp_path, tiny_args):
     cfg, _ = finished
     work = tmp_path / "copy"
     shutil.copytree(cfg.run_dir, work)
@@ -92,7 +80,7 @@ def test_changed_config_is_refused_unless_forced(finished, tmp_path):
     assert "max_lr: 0.005" in (work / "rl" / "config.yaml").read_text()
 
 
-def test_kill_between_stages_then_resume(tiny_model_dir, tmp_path):
+def test_kill_between_stages_then_resume(tiny_model_dir, tmp_path, tiny_args):
     out = tmp_path / "run"
     args = tiny_args(tiny_model_dir, out)
     proc = subprocess.Popen([sys.executable, "-m", "posttrain", "run", *args],

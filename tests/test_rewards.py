@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from posttrain import rewards
-from posttrain.config import ConfigError, RewardConfig
+from posttrain.config import ConfigError, RewardConfig, load_config
 
 SET = torch.tensor([100.0, 140.0, 180.0])   # mean 140, std sqrt(1600*2/3)
 
@@ -31,4 +31,12 @@ def test_target_length_reward():
     assert rewards.compute([120.0 + 40.0], SET, RewardConfig(name="target_length", target=120.0)).item() \
         == pytest.approx(1 - 40 / math.sqrt(3200 / 3), rel=1e-5)     # width defaults to the set's std
     with pytest.raises(ConfigError, match="reward.target"):
-        RewardConfig(name="target_length")
+        load_config(None, ("reward.name=target_length",))
+
+
+def test_per_sample_targets_centre_each_reward():
+    cfg = RewardConfig(name="target_length", width=50.0)
+    r = rewards.compute([80, 140, 260], [100, 200], cfg, targets=[80, 100, 200])
+    assert r.tolist() == pytest.approx([1.0, 1 - 40 / 50, 1 - 60 / 50])
+    z = rewards.compute([80, 140], [100, 200], RewardConfig(name="zscore"), targets=[80, 200])
+    assert z.tolist() == pytest.approx([1.0, 1 - 60 / 50])   # set std 50

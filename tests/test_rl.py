@@ -240,3 +240,43 @@ def test_best_of_groups_keeps_each_groups_top_reward():
     kept, r = rl.best_of_groups(records, reward)
     assert [x["i"] for x in kept] == [1, 4, 5]
     torch.testing.assert_close(r, torch.tensor([0.9, -0.5, 0.0]))
+
+
+def test_online_rounds_train_resume_and_log(run_cfg, tmp_path, monkeypatch):
+    from posttrain import online
+    args = ("rl.mode=online", "rl.iterations=3", "rl.prompts_per_iteration=2",
+            "generate.samples_per_prompt=3", "rl.batch_size=3", "rl.grad_accum=1",
+            "rl.ppo_epochs=2", "rl.advantage=group", "rl.loss_agg=sequence",
+            "rl.checkpoint_every=1", "rl.eval_every=0")
+    ref = run_cfg(*args)
+    assert online.steps_per_round(ref) == 4                  # 2 groups of 3 -> 2 micro x 2 epochs
+    summary = rl.run(ref)                                    # no generated set needed
+    assert not (ref.run_dir / "generate").exists()
+    assert summary["steps"] == 12 and summary["rounds"] == 3
+    rows = [json.loads(l) for l in (ref.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["stage"] == "rl" and "ratio_mean" in r]
+    rounds = [r for r in steps if "round" in r]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[-1]["sampled_tokens"] == summary["sampled_tokens"]
+    # first step of the first round: the policy is the sampler and the SFT model
+    assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert steps[1]["ratio_mean"] != pytest.approx(1.0, abs=1e-6)   # second PPO epoch: moved
+    assert steps[-1]["kl"] > 0
+    ref_w = load_file(str(ref.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
+
+    # killed after the first round's checkpoint, the re-run ends with the same adapter
+    cfg = run_cfg(f"out_dir={tmp_path / 'second'}", *args)
+    real_save = rl.checkpoint.save
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl.checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        rl.run(cfg)
+    monkeypatch.setattr(rl.checkpoint, "save", real_save)
+    rl.run(cfg)
+    w = load_file(str(cfg.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6)

@@ -6,7 +6,6 @@ from safetensors.torch import load_file
 
 from posttrain import modeling, sft
 from posttrain.data import Example, collate, load_rows, tokenize_rows
-from posttrain.config import DataConfig
 
 
 def _tiny(cfg):
