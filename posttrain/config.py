@@ -273,6 +273,10 @@ class RLConfig:
     """AdamW weight decay on >= 2-D parameters."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables."""
+    lora_dropout: float = 0.0
+    """Dropout on the RL adapter's input. 0 keeps the policy deterministic, so the PPO ratio
+    measures the update and not dropout noise (and the step is ~30% faster on CPU); the
+    seed's config sets 0.1 (lora.dropout is the SFT adapter's)."""
     share_prompt: bool = True
     """Run each prompt once for all its samples in a training step (exact: gradients flow
     through the shared cache). false runs every sample with its own copy of the prompt."""
@@ -332,6 +336,8 @@ class RLConfig:
                      "keep_checkpoints"):
             _positive(getattr(self, name), f"rl.{name}")
         _positive(self.beta, "rl.beta", allow_zero=self.kl_control == "fixed")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"rl.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         _positive(self.max_lr, "rl.max_lr")
         if not 0 < self.clip_eps < 1:
             raise ConfigError(f"rl.clip_eps={self.clip_eps!r} must be in (0, 1)")

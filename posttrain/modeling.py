@@ -171,10 +171,11 @@ def _bnb_config(device: torch.device):
                               bnb_4bit_use_double_quant=True)
 
 
-def _peft_config(cfg: LoraConfig):
+def _peft_config(cfg: LoraConfig, dropout: float | None = None):
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+    dropout = cfg.dropout if dropout is None else dropout
+    return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=dropout,
                           target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
 
 
@@ -242,7 +243,7 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
     if rl is None:
         return model
     if rl == "new":
-        model.add_adapter(RL, _peft_config(cfg.lora))
+        model.add_adapter(RL, _peft_config(cfg.lora, cfg.rl.lora_dropout))
     else:
         model.load_adapter(str(rl), adapter_name=RL, is_trainable=True)
     _activate(model, (SFT, RL))
