@@ -373,6 +373,9 @@ class EvalConfig:
     """Nucleus sampling mass."""
     bootstrap: int = 2000
     """Bootstrap resamples for the 95% interval of the SFT/RL variance ratio."""
+    kl_prompts: Optional[int] = 16
+    """The RL policy's KL to SFT is measured on its samples of the first this many prompts
+    (two forward passes per sample); null for all."""
     targets: list = field(default_factory=list)
     """With length-conditioned prompts (data.length_cue): the lengths to ask for; every
     prompt is sampled at each. [] means the middle of rl.target_range."""
@@ -387,7 +390,7 @@ class EvalConfig:
         _positive(self.bootstrap, "eval.bootstrap")
         if any(not isinstance(t, (int, float)) or t <= 0 for t in self.targets):
             raise ConfigError(f"eval.targets={list(self.targets)!r}: expected positive lengths")
-        for name in ("num_prompts", "max_new_tokens", "batch_size"):
+        for name in ("num_prompts", "max_new_tokens", "batch_size", "kl_prompts"):
             if getattr(self, name) is not None:
                 _positive(getattr(self, name), f"eval.{name}")
         if not 0 < self.top_p <= 1:

@@ -241,7 +241,9 @@ def run(cfg: Config) -> dict:
                     bar.update(1)
         # 2. the RL policy's KL to SFT on its own samples
         if name == "rl":
-            kl = kl_to_sft(model, recs, tokenizer.pad_token_id, device, dtype, bs)
+            scored = [r for r in recs if e.kl_prompts is None or r["group"] < e.kl_prompts]
+            kl = kl_to_sft(model, scored, tokenizer.pad_token_id, device, dtype, bs)
+            kl["kl_samples"] = len(scored)
         for r in recs:
             r["model"] = name
         all_recs += recs

@@ -6,8 +6,8 @@ Reads `<out_dir>/eval/samples.jsonl` and `<out_dir>/metrics.jsonl`; writes `<out
   lengths_overlay.png  the same histograms overlaid
   sft_training.png     SFT loss per step and held-out loss
   length_control.png   requested vs achieved length (length-conditioned runs only)
-  rl_training.png      RL loss, KL (with the best-of-N target), beta, reward, and the held-out
-                       length mean and std from the periodic evaluations
+  rl_training.png      RL loss, KL (with the best-of-N target), beta, reward, and the length
+                       mean and std of the held-out checks (and of each online round)
 A figure whose inputs are missing is skipped with a message.
 """
 from __future__ import annotations
@@ -134,8 +134,9 @@ def training_figures(run_dir: Path, out: Path) -> list[Path]:
         _panel(axes[0][1], rl, ["kl", "kl_k1"], "KL to SFT per token", target)
         _panel(axes[0][2], rl, ["beta"], "KL coefficient beta")
         _panel(axes[1][0], rl, ["reward_mean"], "mean reward")
-        _panel(axes[1][1], rl, ["eval_len_mean"], "held-out length mean (chars)")
-        _panel(axes[1][2], rl, ["eval_len_std"], "held-out length std (chars)")
+        # held-out checks, and in online mode the spread of each round's own samples
+        _panel(axes[1][1], rl, ["eval_len_mean", "round_len_mean"], "length mean (chars)")
+        _panel(axes[1][2], rl, ["eval_len_std", "round_len_std"], "length std (chars)")
         fig.tight_layout()
         paths.append(_save(fig, out / "rl_training.png"))
     return paths

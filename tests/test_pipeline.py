@@ -82,7 +82,8 @@ def test_changed_config_is_refused_unless_forced(finished, tmp_path, tiny_args):
 
 def test_kill_between_stages_then_resume(tiny_model_dir, tmp_path, tiny_args):
     out = tmp_path / "run"
-    args = tiny_args(tiny_model_dir, out)
+    (tmp_path / "tiny.yaml").write_text("seed: 42\n")   # the defaults (offline RL), not the demo
+    args = ("--config", str(tmp_path / "tiny.yaml"), *tiny_args(tiny_model_dir, out))
     proc = subprocess.Popen([sys.executable, "-m", "posttrain", "run", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
