@@ -260,7 +260,7 @@ class Trainer:
                         disable=not acc.is_main_process)
 
     def step_on(self, records, micro, reward_all, stop_reward, online: bool, **logged) -> None:
-        """Train one step, steer beta, log, evaluate and checkpoint as configured."""
+        """Train one step, steer beta, log, and run the held-out check when due."""
         cfg = self.cfg
         try:
             row = train_step(self.model, self.acc, self.optimizer, self.scheduler, records,
