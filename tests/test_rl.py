@@ -38,6 +38,25 @@ def run_cfg(sft_run, tiny_cfg, tmp_path):
     return make
 
 
+def assert_resume_matches(cfg, ref_w, monkeypatch):
+    """Kill `rl.run(cfg)` right after its first checkpoint, re-run it, and check the final
+    RL adapter equals `ref_w` (the uninterrupted run's)."""
+    real_save = rl.checkpoint.save
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl.checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        rl.run(cfg)
+    monkeypatch.setattr(rl.checkpoint, "save", real_save)
+    rl.run(cfg)
+    w = load_file(str(cfg.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6)
+
+
 def test_generate_stores_pi_sft_logprobs_and_scores(run_cfg):
     cfg = run_cfg()
     stats = generate.run(cfg)
@@ -101,20 +120,7 @@ def test_rl_resume_matches_uninterrupted(run_cfg, tmp_path, monkeypatch):
 
     cfg = run_cfg(f"out_dir={tmp_path / 'second'}")
     shutil.copytree(ref.run_dir / "generate", cfg.run_dir / "generate")
-    real_save = rl.checkpoint.save
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(rl.checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        rl.run(cfg)
-    monkeypatch.setattr(rl.checkpoint, "save", real_save)
-    rl.run(cfg)
-    w = load_file(str(cfg.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
-    for k in ref_w:
-        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6)
+    assert_resume_matches(cfg, ref_w, monkeypatch)
 
 
 def test_rl_bad_inputs(run_cfg, tmp_path, monkeypatch):
@@ -266,17 +272,4 @@ def test_online_rounds_train_resume_and_log(run_cfg, tmp_path, monkeypatch):
 
     # killed after the first round's checkpoint, the re-run ends with the same adapter
     cfg = run_cfg(f"out_dir={tmp_path / 'second'}", *args)
-    real_save = rl.checkpoint.save
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(rl.checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        rl.run(cfg)
-    monkeypatch.setattr(rl.checkpoint, "save", real_save)
-    rl.run(cfg)
-    w = load_file(str(cfg.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
-    for k in ref_w:
-        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6)
+    assert_resume_matches(cfg, ref_w, monkeypatch)
