@@ -312,7 +312,7 @@ def report_markdown(report: dict) -> str:
                  f"{c['p5']:.0f} | {c['p50']:.0f} | {c['p95']:.0f} | - | - | - | "
                  f"{ref['abrupt_rate']:.2f} | - | - | - | - | - |")
     text = "\n".join(lines) + "\n"
-    if "variance_ratio" in report:
+    if "variance_ratio" in report and "by_target" not in report:
         lo, hi = report["variance_ratio_ci95"]
         text += (f"\nVariance ratio SFT/RL: **{report['variance_ratio']:.2f}** (95% bootstrap "
                  f"{lo:.2f}-{hi:.2f}); RL mean {100 * report['mean_change']:+.1f}% vs SFT; "

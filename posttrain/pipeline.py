@@ -118,7 +118,10 @@ def _print_figures(cfg: Config, timings: dict) -> None:
         kl = f", KL {m['kl_k3']:.4f}/token" if "kl_k3" in m else ""
         print(f"  {name:4} length {c['mean']:.1f} ± {c['std']:.1f} chars (variance {c['var']:.0f}), "
               f"ROUGE-L {m['rougeL']:.1f}, EOS {m['eos_rate']:.2f}{kl}")
-    if "variance_ratio" in report:
+    for name, per in report.get("by_target", {}).items():  # length-conditioned runs
+        print(f"  {name:4} asked -> got (mean ± std): " + ", ".join(
+            f"{t} -> {r['mean']:.0f} ± {r['std']:.0f}" for t, r in per.items()))
+    if "variance_ratio" in report and "by_target" not in report:
         lo, hi = report["variance_ratio_ci95"]
         print(f"  variance ratio SFT/RL {report['variance_ratio']:.2f} (95% {lo:.2f}-{hi:.2f}), "
               f"mean {100 * report['mean_change']:+.1f}%, ROUGE-L {report['rougeL_diff']:+.2f}")

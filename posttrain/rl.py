@@ -187,10 +187,15 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
             new = policy_logprobs(model, records, groups, tokenizer.pad_token_id, acc.device,
                                   cfg.rl.share_prompt, eos if stop_reward else None)
         ref = old
-        if online:
+        if online and all("ref_logprobs" in records[i] for i in ids):   # a later PPO epoch
+            ref = torch.tensor([x for i in ids for x in records[i]["ref_logprobs"]],
+                               device=acc.device)
+        elif online:
             with torch.no_grad(), modeling.sft_only(acc.unwrap_model(model)), acc.autocast():
                 ref = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
                                       acc.device, cfg.rl.share_prompt).float()
+            for i, part in zip(ids, ref.split(lengths_of(records, ids).tolist())):
+                records[i]["ref_logprobs"] = part.tolist()
         kl_weight = weight
         if stop_reward:  # 3a. counterfactual stop credit, summed per sample
             new, lp_stop = new
