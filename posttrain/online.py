@@ -25,24 +25,28 @@ from posttrain.generate import cue_prompts, draw_targets, prompt_pool, sample_re
 from posttrain.rl import Trainer, step_plan, step_rewards
 
 
-def steps_per_round(cfg: Config) -> int:
+def steps_per_round(cfg: Config, world: int = 1) -> int:
     groups_per_micro = max(1, cfg.rl.batch_size // cfg.generate.samples_per_prompt)
     micro = math.ceil(cfg.rl.prompts_per_iteration / groups_per_micro)
-    return math.ceil(micro / cfg.rl.grad_accum) * cfg.rl.ppo_epochs
+    return math.ceil(micro / (cfg.rl.grad_accum * world)) * cfg.rl.ppo_epochs
 
 
-def sample_round(model, tokenizer, texts, prompts, cfg: Config, it: int, device, dtype) -> list[dict]:
-    """The round's samples from the current policy: same prompts and seeds on a re-run."""
+def sample_round(model, tokenizer, texts, prompts, cfg: Config, it: int, device, dtype,
+                 rank: int = 0, world: int = 1) -> list[dict]:
+    """The round's samples from the current policy: same prompts and seeds on a re-run.
+    With several processes each samples every world-th batch of prompts (its own seed);
+    the caller gathers them."""
     g = cfg.generate
     idx = torch.randint(len(prompts), (cfg.rl.prompts_per_iteration,),
                         generator=torch.Generator().manual_seed(cfg.seed * 1000 + it)).tolist()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + 50_000 + it)
+    gen = torch.Generator(device=device).manual_seed(
+        cfg.seed * 100_003 + 50_000 + it + 7_777 * rank)
     was_training = model.training
     model.eval()
     records = []
     targets = draw_targets(len(idx), cfg, cfg.seed * 1000 + 500 + it)
     with modeling.sampler(model, cfg.model, device, dtype) as policy:
-        for s in range(0, len(idx), g.batch_size):
+        for s in range(rank * g.batch_size, len(idx), world * g.batch_size):
             chunk, want = idx[s:s + g.batch_size], targets[s:s + g.batch_size]
             batch_texts, batch_ids = [texts[i] for i in chunk], [prompts[i] for i in chunk]
             if cfg.data.length_cue:  # each prompt asks for its own length
@@ -61,7 +65,7 @@ def run_online(cfg: Config, acc, dtype, tokenizer) -> dict:
     g = cfg.generate
     texts, prompts = prompt_pool(g.prompts or cfg.data.train, g.prompts_split or cfg.data.train_split,
                                  tokenizer, cfg)
-    total = cfg.rl.iterations * steps_per_round(cfg)
+    total = cfg.rl.iterations * steps_per_round(cfg, acc.num_processes)
     if cfg.rl.max_steps > 0:
         total = min(total, cfg.rl.max_steps)
     trainer = Trainer(cfg, total, tokenizer, acc, dtype)
@@ -71,7 +75,10 @@ def run_online(cfg: Config, acc, dtype, tokenizer) -> dict:
         # 1. sample the round from the current policy
         t0 = time.perf_counter()
         records = sample_round(acc.unwrap_model(trainer.model), tokenizer, texts, prompts, cfg,
-                               it, acc.device, dtype)
+                               it, acc.device, dtype, acc.process_index, acc.num_processes)
+        if acc.num_processes > 1:  # every process trains on the whole round
+            from accelerate.utils import gather_object
+            records = sorted(gather_object(records), key=lambda r: r["group"])
         seconds = time.perf_counter() - t0
         # 2. score: length statistics fixed by the first round (the SFT policy's samples)
         lengths = [r["length_" + cfg.reward.unit] for r in records]
@@ -85,7 +92,8 @@ def run_online(cfg: Config, acc, dtype, tokenizer) -> dict:
                            sampled_tokens=extra["sampled_tokens"],
                            round_eos_rate=sum(r["ended_with_eos"] for r in records) / len(records))
         # 3. PPO epochs over the round's samples
-        plan = step_plan(records, cfg, epochs=cfg.rl.ppo_epochs, seed=cfg.seed + 7919 * (it + 1))
+        plan = step_plan(records, cfg, epochs=cfg.rl.ppo_epochs, seed=cfg.seed + 7919 * (it + 1),
+                         world=acc.num_processes)
         for k, micro in enumerate(plan):
             if trainer.step >= total:
                 break

@@ -9,6 +9,7 @@ every stage after it start again. Wall time per stage goes to `pipeline.json`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ STAGES = {
     "plot": (plot, "plots", None, ()),
     "view": (view, "view", None, ()),
 }
+# stages all processes run together under `accelerate launch`; the others run on the main
+# process while the rest wait
+SHARED = {"sft", "rl"}
 # settings that change how a stage runs, never what it produces
 IGNORED = {"checkpoint_every", "keep_checkpoints", "push_to_hub"}
 
@@ -73,8 +77,29 @@ def _reset(cfg: Config, stages: list[str]) -> None:
         shutil.rmtree(cfg.run_dir / STAGES[s][1], ignore_errors=True)
 
 
+class _Processes:
+    """Rank and barrier under `accelerate launch` / torchrun (one process: no-ops)."""
+
+    def __init__(self, cfg: Config):
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            from posttrain.modeling import resolve_device
+            self.state = PartialState(cpu=resolve_device(cfg.model).type == "cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
 def run(cfg: Config, force: bool = False) -> dict:
     """Run every stage not yet done; returns {stage: seconds or "skipped"}."""
+    procs = _Processes(cfg)
     names = list(STAGES)
     timing_file = cfg.run_dir / "pipeline.json"
     timings = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
@@ -88,7 +113,9 @@ def run(cfg: Config, force: bool = False) -> dict:
                     f"{stage} and every stage after it")
             print(f"run: config changed for {stage} ({len(diff)} key(s)); redoing it and "
                   "every stage after it")
-            _reset(cfg, names[i:])
+            if procs.main:
+                _reset(cfg, names[i:])
+            procs.barrier()
             for s in names[i:]:
                 timings.pop(s, None)
         if stage == "generate" and cfg.rl.mode == "online":
@@ -99,10 +126,14 @@ def run(cfg: Config, force: bool = False) -> dict:
             continue
         print(f"run: {stage}")
         t0 = time.perf_counter()
-        STAGES[stage][0].run(cfg)
+        if stage in SHARED or procs.main:
+            STAGES[stage][0].run(cfg)
+        procs.barrier()
         timings[stage] = round(time.perf_counter() - t0, 1)
-        atomic_write_json(timing_file, timings)
-    _print_figures(cfg, timings)
+        if procs.main:
+            atomic_write_json(timing_file, timings)
+    if procs.main:
+        _print_figures(cfg, timings)
     return timings
 
 

@@ -26,13 +26,14 @@ from posttrain.generate import load_set, prompt_pool, sample_records
 from posttrain.io import atomic_write_json
 from posttrain.metrics import MetricsLogger
 from posttrain.sft import (TrainingError, build_optimizer, build_scheduler, optimizer_step,
-                           setup_accelerator, to_device)
+                           rank_share, setup_accelerator, sync_unless, to_device)
 
 
 def step_plan(records: list[dict], cfg: Config, epochs: float | None = None,
-              seed: int | None = None) -> list[list[list[list[int]]]]:
+              seed: int | None = None, world: int = 1) -> list[list[list[list[int]]]]:
     """Optimizer steps -> micro-batches -> prompt groups -> sample indices, fixed by the
-    seed. A micro-batch holds rl.batch_size samples, rounded down to whole prompt groups.
+    seed. A micro-batch holds rl.batch_size samples, rounded down to whole prompt groups; a
+    step holds rl.grad_accum micro-batches per process (`world` processes share it).
     `epochs` passes (default rl.epochs), each in its own seeded order."""
     epochs = cfg.rl.epochs if epochs is None else epochs
     seed = cfg.seed if seed is None else seed
@@ -47,7 +48,8 @@ def step_plan(records: list[dict], cfg: Config, epochs: float | None = None,
         order += torch.randperm(len(groups_list), generator=gen).tolist()
     order = [groups_list[i] for i in order[:int(round(epochs * len(groups_list)))]]
     micro = [order[i:i + per_micro] for i in range(0, len(order), per_micro)]
-    return [micro[i:i + cfg.rl.grad_accum] for i in range(0, len(micro), cfg.rl.grad_accum)]
+    per_step = cfg.rl.grad_accum * world
+    return [micro[i:i + per_step] for i in range(0, len(micro), per_step)]
 
 
 def best_of_groups(records: list[dict], reward: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
@@ -170,58 +172,77 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
     lengths = lengths_of(records, flat)
     group = torch.tensor([k for k, g in enumerate(g for mb in micro for g in mb) for _ in g])
     adv_all, weight_all = step_advantages(reward_all[flat], lengths, group, cfg)
-    n_tokens, offset = int(lengths.sum()), 0
+    n_tokens = int(lengths.sum())
     # tokens the forward passes process: a shared prompt counts once for its group
     prompt_tokens = sum(len(records[g[0]]["prompt_ids"]) * (1 if cfg.rl.share_prompt else len(g))
                         for mb in micro for g in mb)
     sums = dict(policy_loss=0.0, kl=0.0, kl_k1=0.0, clipped=0.0, ratio=0.0)
     total_loss, ratio_max = 0.0, 0.0  # the objective as optimized (weighting depends on mode)
-    for groups in micro:
-        ids = [i for g in groups for i in g]
-        old = torch.tensor([lp for i in ids for lp in records[i]["logprobs"]], device=acc.device)
-        adv = adv_all[offset:offset + len(old)].to(acc.device)
-        weight = weight_all[offset:offset + len(old)].to(acc.device)
-        offset += len(old)
-        # 2. log-probs of the sampled tokens under the current policy (and the reference)
-        with acc.autocast():
-            new = policy_logprobs(model, records, groups, tokenizer.pad_token_id, acc.device,
-                                  cfg.rl.share_prompt, eos if stop_reward else None)
-        ref = old
-        if online and all("ref_logprobs" in records[i] for i in ids):   # a later PPO epoch
-            ref = torch.tensor([x for i in ids for x in records[i]["ref_logprobs"]],
+    # each process takes its share of the micro-batches (weight 0: a padding repeat)
+    sizes = [int(lengths_of(records, [i for g in mb for i in g]).sum()) for mb in micro]
+    where = {id(mb): sum(sizes[:j]) for j, mb in enumerate(micro)}   # first token's row
+    mine = rank_share(micro, acc.process_index, acc.num_processes)
+    for k, (groups, share) in enumerate(mine):
+        # one all-reduce per step: on the last backward only
+        with sync_unless(acc, model, k == len(mine) - 1):
+            ids = [i for g in groups for i in g]
+            old = torch.tensor([lp for i in ids for lp in records[i]["logprobs"]],
                                device=acc.device)
-        elif online:
-            with torch.no_grad(), modeling.sft_only(acc.unwrap_model(model)), acc.autocast():
-                ref = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
-                                      acc.device, cfg.rl.share_prompt).float()
-            for i, part in zip(ids, ref.split(lengths_of(records, ids).tolist())):
-                records[i]["ref_logprobs"] = part.tolist()
-        kl_weight = weight
-        if stop_reward:  # 3a. counterfactual stop credit, summed per sample
-            new, lp_stop = new
-            old_stop = (torch.tensor([x for i in ids for x in records[i]["stop_logprobs"]],
-                                     device=acc.device)
-                        if "stop_logprobs" in records[ids[0]] else None)
-            pl = O.stop_credit_loss(
-                lp_stop, torch.cat([stop_reward[i] for i in ids]).to(acc.device),
-                reward_all[ids].repeat_interleave(lengths_of(records, ids)).to(acc.device),
-                torch.cat([torch.tensor(records[i]["completion_ids"]) != eos
-                           for i in ids]).to(acc.device), old_stop, cfg.rl.clip_eps)
-            _, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
-            kl_weight = torch.full_like(weight, 1.0 / n_tokens)
-        else:            # 3b. clipped policy loss, averaged per token or per sample
-            pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
-        # 4. + beta * k3 KL to the SFT policy
-        kl = O.kl_k3(new, ref)
-        loss = (pl * weight).sum() + beta * (kl * kl_weight).sum()
-        if not torch.isfinite(loss):
-            raise TrainingError("rl: non-finite loss")
-        acc.backward(loss)
-        total_loss += loss.item()
-        for k, v in (("policy_loss", pl), ("kl", kl), ("kl_k1", O.kl_k1(new, ref)),
-                     ("clipped", clipped.float()), ("ratio", ratio)):
-            sums[k] += v.detach().sum().item()
-        ratio_max = max(ratio_max, ratio.detach().max().item())
+            offset = where[id(groups)]
+            adv = adv_all[offset:offset + len(old)].to(acc.device)
+            # the processes' gradients are averaged, hence the factor
+            weight = weight_all[offset:offset + len(old)].to(acc.device) * (
+                share * acc.num_processes)
+            # 2. log-probs of the sampled tokens under the current policy (and the reference)
+            with acc.autocast():
+                new = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
+                                      acc.device, cfg.rl.share_prompt,
+                                      eos if stop_reward else None)
+            ref = old
+            if online and all("ref_logprobs" in records[i] for i in ids):   # a later PPO epoch
+                ref = torch.tensor([x for i in ids for x in records[i]["ref_logprobs"]],
+                                   device=acc.device)
+            elif online:
+                with (torch.no_grad(), modeling.sft_only(acc.unwrap_model(model)),
+                      acc.autocast()):
+                    ref = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
+                                          acc.device, cfg.rl.share_prompt).float()
+                for i, part in zip(ids, ref.split(lengths_of(records, ids).tolist())):
+                    records[i]["ref_logprobs"] = part.tolist()
+            kl_weight = weight
+            if stop_reward:  # 3a. counterfactual stop credit, summed per sample
+                new, lp_stop = new
+                old_stop = (torch.tensor([x for i in ids for x in records[i]["stop_logprobs"]],
+                                         device=acc.device)
+                            if "stop_logprobs" in records[ids[0]] else None)
+                pl = O.stop_credit_loss(
+                    lp_stop, torch.cat([stop_reward[i] for i in ids]).to(acc.device),
+                    reward_all[ids].repeat_interleave(lengths_of(records, ids)).to(acc.device),
+                    torch.cat([torch.tensor(records[i]["completion_ids"]) != eos
+                               for i in ids]).to(acc.device), old_stop, cfg.rl.clip_eps)
+                _, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+                kl_weight = torch.full_like(weight, share * acc.num_processes / n_tokens)
+            else:            # 3b. clipped policy loss, averaged per token or per sample
+                pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+            # 4. + beta * k3 KL to the SFT policy
+            kl = O.kl_k3(new, ref)
+            loss = (pl * weight).sum() + beta * (kl * kl_weight).sum()
+            if not torch.isfinite(loss):
+                raise TrainingError("rl: non-finite loss")
+            acc.backward(loss)
+            if share == 0:
+                continue
+            total_loss += loss.item() / acc.num_processes
+            for name, v in (("policy_loss", pl), ("kl", kl), ("kl_k1", O.kl_k1(new, ref)),
+                            ("clipped", clipped.float()), ("ratio", ratio)):
+                sums[name] += v.detach().sum().item()
+            ratio_max = max(ratio_max, ratio.detach().max().item())
+    if acc.num_processes > 1:  # the step's figures over all processes
+        keys = sorted(sums)
+        total = acc.reduce(torch.tensor([sums[k] for k in keys] + [total_loss],
+                                        device=acc.device), "sum").tolist()
+        sums, total_loss = dict(zip(keys, total[:-1])), total[-1]
+        ratio_max = acc.reduce(torch.tensor(ratio_max, device=acc.device), "max").item()
     # 5. clip gradients and step
     grad_norm, lr = optimizer_step(acc, model, optimizer, scheduler, cfg.rl.max_grad_norm)
     m = {k: v / n_tokens for k, v in sums.items()}
@@ -297,6 +318,7 @@ class Trainer:
             checkpoint.save(self.ckpt_dir, self.step, self.acc.unwrap_model(self.model),
                             self.optimizer, self.scheduler, self.extra,
                             keep=self.cfg.rl.keep_checkpoints, adapter=modeling.RL)
+        self.acc.wait_for_everyone()
 
     def finish(self, **summary) -> dict:
         self.bar.close()
@@ -312,6 +334,7 @@ class Trainer:
                                   self.out / "adapter", modeling.RL)
             atomic_write_json(self.out / "summary.json", summary)
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        self.acc.wait_for_everyone()  # the adapter is on disk before any process reads it
         print(f"rl: held-out length {before['eval_len_mean']:.1f} ± {before['eval_len_std']:.1f}"
               f" -> {after['eval_len_mean']:.1f} ± {after['eval_len_std']:.1f} chars; adapter in "
               f"{self.out / 'adapter'}")
@@ -337,7 +360,7 @@ def run(cfg: Config) -> dict:
     reward_all, stop_reward = step_rewards(records, set_lengths, tokenizer, cfg)     # (S,)
     if cfg.rl.advantage == "best_of_n":  # train on the best sample of each prompt group only
         records, reward_all = best_of_groups(records, reward_all)
-    plan = step_plan(records, cfg)
+    plan = step_plan(records, cfg, world=acc.num_processes)
     if cfg.rl.max_steps > 0:
         plan = plan[:cfg.rl.max_steps]
     trainer = Trainer(cfg, len(plan), tokenizer, acc, dtype)

@@ -8,6 +8,7 @@ and appends its metrics to `<out_dir>/metrics.jsonl`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -89,6 +90,21 @@ def optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float) -> tu
     return float(grad_norm), lr
 
 
+def rank_share(chunk: list, rank: int, world: int) -> list[tuple[object, float]]:
+    """This process's part of one optimizer step's micro-batches: every world-th from its rank,
+    each with weight 1. A rank left short (the step's count does not divide) repeats the
+    step's first micro-batch with weight 0, so every rank runs as many backward passes (and
+    gradient all-reduces) as the others and the result is exactly the step's gradient."""
+    mine = [(m, 1.0) for m in chunk[rank::world]]
+    per_rank = math.ceil(len(chunk) / world)
+    return mine + [(chunk[0], 0.0)] * (per_rank - len(mine))
+
+
+def sync_unless(acc, model, last: bool):
+    """Gradient all-reduce only on a step's last backward (no_sync before it)."""
+    return contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)
+
+
 def micro_batches(examples: list[Example], cfg: Config) -> list[list[int]]:
     """The whole run's micro-batches (lists of example indices), fixed by the seed so a
     resumed run sees the same order from the same position."""
@@ -146,7 +162,9 @@ def run(cfg: Config) -> dict:
     base = modeling.load_base_model(cfg.model, acc.device)
     model = modeling.add_lora(base, cfg.lora, quantized=cfg.model.load_in_4bit)
     plan = micro_batches(train, cfg)
-    total_steps = math.ceil(len(plan) / cfg.sft.grad_accum)
+    # one optimizer step = grad_accum micro-batches on each of the processes
+    per_step = cfg.sft.grad_accum * acc.num_processes
+    total_steps = math.ceil(len(plan) / per_step)
     if cfg.sft.max_steps > 0:
         total_steps = min(total_steps, cfg.sft.max_steps)
     optimizer = build_optimizer(model, cfg.sft)
@@ -173,22 +191,29 @@ def run(cfg: Config) -> dict:
     while step < total_steps:
         t0 = time.perf_counter()
         # 1. batch: this step's micro-batches, fixed by the plan
-        chunk = plan[step * cfg.sft.grad_accum:(step + 1) * cfg.sft.grad_accum]
+        chunk = plan[step * per_step:(step + 1) * per_step]
         step_targets = sum(len(train[i].completion_ids) for ids in chunk for i in ids)
         loss_sum, tokens = 0.0, 0
-        for ids in chunk:
+        mine = rank_share(chunk, acc.process_index, acc.num_processes)
+        for k, (ids, weight) in enumerate(mine):
             batch = to_device(collate([train[i] for i in ids], tokenizer.pad_token_id,
                                       packed=cfg.sft.batching == "packed"), acc.device)
             # 2. loss on completion tokens only
-            with acc.autocast():
-                loss = completion_loss(model, batch, reduction="sum")
-            if not torch.isfinite(loss):
-                raise TrainingError(f"sft: non-finite loss at step {step + 1}; the last good "
-                                    f"checkpoint is {checkpoint.latest(ckpt_dir)}")
-            # 3. backward: every completion token of the step weighs the same
-            acc.backward(loss / step_targets)
-            loss_sum += loss.item()
-            tokens += batch.num_tokens
+            with sync_unless(acc, model, k == len(mine) - 1):
+                with acc.autocast():
+                    loss = completion_loss(model, batch, reduction="sum")
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"sft: non-finite loss at step {step + 1}; the last "
+                                        f"good checkpoint is {checkpoint.latest(ckpt_dir)}")
+                # 3. backward: every completion token of the step weighs the same (the
+                # processes' gradients are averaged, hence the factor)
+                acc.backward(loss * (weight * acc.num_processes / step_targets))
+            loss_sum += weight * loss.item()
+            tokens += int(weight) * batch.num_tokens
+        if acc.num_processes > 1:  # the step's loss and tokens over all processes
+            loss_sum, tokens = acc.reduce(torch.tensor([loss_sum, float(tokens)],
+                                                       device=acc.device), "sum").tolist()
+            tokens = int(tokens)
         # 4. clip and step
         grad_norm, lr = optimizer_step(acc, model, optimizer, scheduler, cfg.sft.max_grad_norm)
         step += 1
@@ -205,6 +230,7 @@ def run(cfg: Config) -> dict:
             if acc.is_main_process:
                 checkpoint.save(ckpt_dir, step, acc.unwrap_model(model), optimizer, scheduler,
                                 extra, keep=cfg.sft.keep_checkpoints)
+            acc.wait_for_everyone()
     bar.close()
 
     # Held-out loss after, the adapter, the summary.
@@ -217,11 +243,13 @@ def run(cfg: Config) -> dict:
         "train_tokens": extra["train_tokens"], "train_seconds": round(extra["train_seconds"], 2),
         "tokens_per_s": round(extra["train_tokens"] / max(extra["train_seconds"], 1e-9), 1),
         "precision": str(dtype).replace("torch.", ""), "device": str(acc.device),
+        "processes": acc.num_processes,
     }
     if acc.is_main_process:
         modeling.save_adapter(acc.unwrap_model(model), tokenizer, out / "adapter")
         atomic_write_json(out / "summary.json", summary)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    acc.wait_for_everyone()  # the adapter is on disk before any process reads it
     print(f"sft: held-out completion loss {summary['eval_loss_before']:.4f} -> {after:.4f}; "
           f"{summary['tokens_per_s']} tokens/s; adapter in {out / 'adapter'}")
     return summary

@@ -1,0 +1,61 @@
+"""Run by test_distributed.py under `accelerate launch`: `posttrain run` (SFT, online RL,
+then eval, plot and view on the main process) on the tiny model. Each process writes what
+it trained on (the micro-batches its share held) and its final LoRA weights to
+<out>/rank<R>.json and <out>/rank<R>-<stage>.safetensors."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from posttrain import modeling, pipeline, rl, sft
+from posttrain.config import load_config
+
+out = Path(sys.argv[1])
+cfg = load_config(None, tuple(sys.argv[2:]))
+rank = int(os.environ["RANK"])
+seen = {"sft": [], "rl": []}
+weights = {}
+
+
+def recording(stage, original):
+    def share(chunk, r, world):
+        mine = original(chunk, r, world)
+        seen[stage].append([m for m, w in mine if w > 0])
+        return mine
+    return share
+
+
+def lora(model, adapter):
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+sft.rank_share = recording("sft", sft.rank_share)
+rl.rank_share = recording("rl", rl.rank_share)
+evaluate_loss = sft.evaluate_loss
+
+
+def last_eval(model, *a, **k):  # called after training with the trained model
+    weights["sft"] = lora(model.module if hasattr(model, "module") else model, "default")
+    return evaluate_loss(model, *a, **k)
+
+
+sft.evaluate_loss = last_eval
+finish = rl.Trainer.finish
+
+
+def finish_and_keep(self, **summary):
+    weights["rl"] = lora(self.acc.unwrap_model(self.model), modeling.RL)
+    return finish(self, **summary)
+
+
+rl.Trainer.finish = finish_and_keep
+pipeline.run(cfg)
+for stage, w in weights.items():
+    save_file(w, str(out / f"rank{rank}-{stage}.safetensors"))
+(out / f"rank{rank}.json").write_text(json.dumps(seen))
