@@ -158,7 +158,8 @@ class SFTConfig:
     batching: str = "grouped"
     """`grouped`: batches of similar length, right-padded (best on CPU). `packed`: each batch's
     examples concatenated into one row with block-diagonal attention (no padding; best with
-    varlen attention kernels on GPU). Neither lets a token attend to another example."""
+    varlen attention kernels on GPU). `random`: batches in shuffled order, right-padded (the
+    plain way, for comparison). None lets a token attend to another example."""
     eval_batch_size: int = 8
     """Examples per batch when measuring held-out loss."""
     checkpoint_every: int = 50
@@ -167,7 +168,7 @@ class SFTConfig:
     """How many recent checkpoints to keep on disk."""
 
     def __post_init__(self):
-        _choice(self.batching, "sft.batching", ("grouped", "packed"))
+        _choice(self.batching, "sft.batching", ("grouped", "packed", "random"))
         _positive(self.epochs, "sft.epochs")
         _positive(self.batch_size, "sft.batch_size")
         _positive(self.grad_accum, "sft.grad_accum")
@@ -398,6 +399,21 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class FastConfig:
+    """Fast paths, each switchable so `bench/throughput.py` can show what it buys. Off, each
+    does the plain thing (the same numbers up to float rounding, more time or memory)."""
+    completion_logits: bool = True
+    """Run the LM head only at positions a loss or sample needs (completion tokens); false:
+    logits at every position, then sliced."""
+    fused_logprobs: bool = True
+    """log p(token) as the picked logit minus a logsumexp; false: a full-vocabulary
+    log-softmax for the batch, then a gather."""
+    recorded_reference: bool = True
+    """Offline RL: the behaviour log-probs recorded at generation (the SFT policy's) are the
+    KL reference; false: a reference forward (adapter off) on every step."""
+
+
+@dataclass(frozen=True)
 class Config:
     out_dir: str = "runs/demo"
     """Run directory: every stage reads its inputs from here and writes its outputs here."""
@@ -411,6 +427,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
 
     def __post_init__(self):
         if (self.reward.name == "target_length" and self.reward.target is None

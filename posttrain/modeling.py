@@ -293,17 +293,18 @@ def sampler(model, cfg, device: torch.device, dtype: torch.dtype):
 
 # ---------------------------------------------------------------- forward
 
-def completion_logits(model, batch) -> torch.Tensor:
-    """Logits (N, V) at the positions of `batch.predict_mask` only: the LM head never runs
-    on prompt or padding positions."""
+def completion_logits(model, batch, only_needed: bool = True) -> torch.Tensor:
+    """Logits (N, V) at the positions of `batch.predict_mask`: the LM head never runs on
+    prompt or padding positions (`only_needed=False`: it runs everywhere, then the rows
+    are picked; same result, more time and memory)."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, logits_to_keep=batch.predict_mask,
-                use_cache=False)
-    return out.logits
+                position_ids=batch.position_ids,
+                logits_to_keep=batch.predict_mask if only_needed else 0, use_cache=False)
+    return out.logits if only_needed else out.logits[batch.predict_mask]
 
 
 def grouped_completion_logits(model, prompts: list, completions: list, pad_id: int,
-                              device) -> torch.Tensor:
+                              device, only_needed: bool = True) -> torch.Tensor:
     """Logits (N, V) for every completion token of every sample, with each prompt's forward
     pass shared by its group: the prompts run once (left-padded, cache on), the cache is
     repeated G times, and the completions run against it. Gradients flow through the
@@ -341,7 +342,9 @@ def grouped_completion_logits(model, prompts: list, completions: list, pad_id: i
     pos = ppos[:, -1:].repeat_interleave(G, 0) + 1 + torch.arange(T, device=device)
     rest = model(input_ids=inputs, attention_mask=torch.cat([pmask.repeat_interleave(G, 0), cmask], 1),
                  position_ids=pos, cache=cache, use_cache=True,
-                 logits_to_keep=cmask.bool()).logits                  # (M, V)
+                 logits_to_keep=cmask.bool() if only_needed else 0).logits      # (M, V)
+    if not only_needed:
+        rest = rest[cmask.bool()]
     # 3. interleave: for each sample its first-token logits, then the rest in order
     counts = torch.tensor([len(c) for c in flat], device=device)
     starts = torch.cumsum(counts, 0) - counts                          # (N,) row of first token

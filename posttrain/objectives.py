@@ -10,21 +10,29 @@ import math
 import torch
 
 
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] without materialising the full log-softmax.
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                    fused: bool = True) -> torch.Tensor:
+    """log softmax(logits)[target] without materialising the full log-softmax (`fused`;
+    False: the plain way, a full (N, V) log-softmax, then a gather).
 
     logits: (N, V) any float dtype; targets: (N,) long -> (N,) float32
     """
     logits = logits.float()
+    if not fused:
+        return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)      # (N,)
     return picked - torch.logsumexp(logits, dim=-1)                    # (N,)
 
 
-def target_and_stop_logprobs(logits: torch.Tensor, targets: torch.Tensor,
-                             stop_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(target) and log pi(stop token) at every position, one logsumexp for both.
+def target_and_stop_logprobs(logits: torch.Tensor, targets: torch.Tensor, stop_id: int,
+                             fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(target) and log pi(stop token) at every position, one logsumexp for both
+    (`fused`; False: from a full log-softmax).
     logits: (N, V); targets: (N,) -> ((N,), (N,)) float32"""
     logits = logits.float()
+    if not fused:
+        logp = torch.log_softmax(logits, -1)
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logp[:, stop_id]
     norm = torch.logsumexp(logits, dim=-1)                                         # (N,)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - norm, logits[:, stop_id] - norm

@@ -10,6 +10,7 @@ Reads `<out_dir>/sft/adapter` and `<out_dir>/generate/`; writes `<out_dir>/rl/ad
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -110,24 +111,27 @@ class HeldOut:
 
 
 def policy_logprobs(model, records: list[dict], groups: list[list[int]], pad_id: int, device,
-                    share_prompt: bool, stop_id: int | None = None):
+                    share_prompt: bool, stop_id: int | None = None, fast=None):
     """log pi(token) (N,) of every completion token of the micro-batch's samples, in order:
     each prompt once for its group (share_prompt), or each sample with its own prompt.
-    With `stop_id`, also log pi(stop_id) at the same positions."""
+    With `stop_id`, also log pi(stop_id) at the same positions. `fast` (a FastConfig; None:
+    all on) switches the LM-head slicing and the fused log-prob gather."""
+    only = fast is None or fast.completion_logits
+    fused = fast is None or fast.fused_logprobs
     if share_prompt:
         logits = modeling.grouped_completion_logits(
             model, [records[g[0]]["prompt_ids"] for g in groups],
-            [[records[i]["completion_ids"] for i in g] for g in groups], pad_id, device)
+            [[records[i]["completion_ids"] for i in g] for g in groups], pad_id, device, only)
     else:
         batch = to_device(collate([Example(tuple(records[i]["prompt_ids"]),
                                            tuple(records[i]["completion_ids"]))
                                    for g in groups for i in g], pad_id), device)
-        logits = modeling.completion_logits(model, batch)
+        logits = modeling.completion_logits(model, batch, only)
     targets = torch.tensor([t for g in groups for i in g for t in records[i]["completion_ids"]],
                            device=device)
     if stop_id is not None:
-        return O.target_and_stop_logprobs(logits, targets, stop_id)
-    return O.gather_logprobs(logits, targets)
+        return O.target_and_stop_logprobs(logits, targets, stop_id, fused)
+    return O.gather_logprobs(logits, targets, fused)
 
 
 def prefix_lengths(records: list[dict], tokenizer, unit: str) -> list[list[int]]:
@@ -160,11 +164,14 @@ def step_rewards(records: list[dict], set_lengths, tokenizer, cfg: Config):
 
 
 def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, reward_all,
-               stop_reward, beta: float, cfg: Config, tokenizer, online: bool) -> dict:
+               stop_reward, beta: float, cfg: Config, tokenizer, online: bool,
+               reference=None) -> dict:
     """One optimizer step over `micro` (micro-batches -> prompt groups -> sample indices).
     records[i]["logprobs"] are the sampling policy's (pi_old). Offline that policy is the
-    SFT model, so it is also the KL reference; online the reference is the same weights
-    with the RL adapter off (one no-grad forward). Returns the step's metrics."""
+    SFT model, so it is also the KL reference (fast.recorded_reference); online, or with
+    that switch off, the reference is the same weights with the RL adapter off (one no-grad
+    forward), or `reference`, a separate model, when given (the benchmark's naive
+    baseline). Returns the step's metrics."""
     t0 = time.perf_counter()
     eos = tokenizer.eos_token_id
     # 1. batch: this step's samples and their advantages
@@ -197,18 +204,22 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
             with acc.autocast():
                 new = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
                                       acc.device, cfg.rl.share_prompt,
-                                      eos if stop_reward else None)
+                                      eos if stop_reward else None, cfg.fast)
             ref = old
+            forward_ref = online or reference is not None or not cfg.fast.recorded_reference
             if online and all("ref_logprobs" in records[i] for i in ids):   # a later PPO epoch
                 ref = torch.tensor([x for i in ids for x in records[i]["ref_logprobs"]],
                                    device=acc.device)
-            elif online:
-                with (torch.no_grad(), modeling.sft_only(acc.unwrap_model(model)),
-                      acc.autocast()):
-                    ref = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
-                                          acc.device, cfg.rl.share_prompt).float()
-                for i, part in zip(ids, ref.split(lengths_of(records, ids).tolist())):
-                    records[i]["ref_logprobs"] = part.tolist()
+            elif forward_ref:
+                with (torch.no_grad(), acc.autocast(),
+                      contextlib.nullcontext(reference) if reference is not None
+                      else modeling.sft_only(acc.unwrap_model(model)) as ref_model):
+                    ref = policy_logprobs(ref_model, records, groups, tokenizer.pad_token_id,
+                                          acc.device, cfg.rl.share_prompt,
+                                          fast=cfg.fast).float()
+                if online:  # kept for the round's later PPO epochs
+                    for i, part in zip(ids, ref.split(lengths_of(records, ids).tolist())):
+                        records[i]["ref_logprobs"] = part.tolist()
             kl_weight = weight
             if stop_reward:  # 3a. counterfactual stop credit, summed per sample
                 new, lp_stop = new

@@ -112,14 +112,19 @@ def micro_batches(examples: list[Example], cfg: Config) -> list[list[int]]:
     out = []
     for epoch in range(math.ceil(cfg.sft.epochs)):
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        out += length_grouped_batches(lengths, cfg.sft.batch_size, g)
+        if cfg.sft.batching == "random":
+            order = torch.randperm(len(lengths), generator=g).tolist()
+            bs = cfg.sft.batch_size
+            out += [order[i:i + bs] for i in range(0, len(order), bs)]
+        else:
+            out += length_grouped_batches(lengths, cfg.sft.batch_size, g)
     per_epoch = math.ceil(len(examples) / cfg.sft.batch_size)
     return out[:max(1, int(round(cfg.sft.epochs * per_epoch)))]
 
 
-def completion_loss(model, batch, reduction: str = "mean") -> torch.Tensor:
+def completion_loss(model, batch, reduction: str = "mean", only_needed: bool = True) -> torch.Tensor:
     """Cross-entropy of the completion tokens (prompt and padding carry no loss)."""
-    logits = modeling.completion_logits(model, batch)          # (N, V)
+    logits = modeling.completion_logits(model, batch, only_needed)          # (N, V)
     return F.cross_entropy(logits.float(), batch.targets, reduction=reduction)
 
 
@@ -201,7 +206,7 @@ def run(cfg: Config) -> dict:
             # 2. loss on completion tokens only
             with sync_unless(acc, model, k == len(mine) - 1):
                 with acc.autocast():
-                    loss = completion_loss(model, batch, reduction="sum")
+                    loss = completion_loss(model, batch, "sum", cfg.fast.completion_logits)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"sft: non-finite loss at step {step + 1}; the last "
                                         f"good checkpoint is {checkpoint.latest(ckpt_dir)}")

@@ -112,6 +112,22 @@ def test_rl_ratio_is_one_at_step_zero_and_only_rl_adapter_trains(run_cfg):
         assert (policy(input_ids=x).logits - plain(input_ids=x).logits).abs().max() > 1e-4
 
 
+def test_offline_reference_forward_matches_the_recorded_log_probs(run_cfg):
+    """fast.recorded_reference=false (a reference forward each step, adapter off) trains
+    like the recorded reference: KL 0 at step 0, the same first step."""
+    metrics = {}
+    for recorded in (True, False):
+        cfg = run_cfg(f"fast.recorded_reference={str(recorded).lower()}", "rl.max_steps=1",
+                      f"out_dir={run_cfg().run_dir.parent / f'ref-{recorded}'}")
+        generate.run(cfg)
+        rl.run(cfg)
+        rows = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics[recorded] = next(r for r in rows if r["stage"] == "rl" and "kl" in r)
+    assert metrics[False]["kl"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("loss", "policy_loss", "grad_norm"):
+        assert metrics[False][key] == pytest.approx(metrics[True][key], rel=1e-4, abs=1e-6)
+
+
 def test_rl_resume_matches_uninterrupted(run_cfg, tmp_path, monkeypatch):
     ref = run_cfg()
     generate.run(ref)
@@ -152,8 +168,9 @@ def test_rl_bad_inputs(run_cfg, tmp_path, monkeypatch):
 
 def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir):
     """Each prompt run once for its group gives the log-probs and gradients of running every
-    sample with its own copy of the prompt."""
-    from posttrain.config import ModelConfig
+    sample with its own copy of the prompt; so does every other fast path switched off (the
+    LM head at every position, a full log-softmax)."""
+    from posttrain.config import FastConfig, ModelConfig
     model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
     params = [p.requires_grad_() for p in model.parameters()]
     records = [{"prompt_ids": p, "completion_ids": c} for p, c in (
@@ -162,11 +179,23 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir
     groups = [[0, 1], [2, 3]]
     out = {}
     for share in (True, False):
-        lp = rl.policy_logprobs(model, records, groups, 0, torch.device("cpu"), share)
-        out[share] = (lp.detach(), torch.autograd.grad(lp.sum(), params))
-    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(out[True][1], out[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for only in (True, False):
+            for fused in (True, False):
+                fast = FastConfig(completion_logits=only, fused_logprobs=fused)
+                lp = rl.policy_logprobs(model, records, groups, 0, torch.device("cpu"), share,
+                                        fast=fast)
+                out[share, only, fused] = (lp.detach(), torch.autograd.grad(lp.sum(), params))
+                lp_t, lp_s = rl.policy_logprobs(model, records, groups, 0, torch.device("cpu"),
+                                                share, stop_id=1, fast=fast)
+                torch.testing.assert_close(lp_t.detach(), lp.detach())
+                out[share, only, fused, "stop"] = lp_s.detach()
+    first = out[True, True, True]
+    for key, (lp, grads) in ((k, v) for k, v in out.items() if len(k) == 3):
+        torch.testing.assert_close(lp, first[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, first[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[key + ("stop",)], out[True, True, True, "stop"],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_frozen_sft_adapter_has_no_dropout_in_train_mode(run_cfg, tmp_path):

@@ -37,6 +37,19 @@ def test_logits_only_at_completion_positions(tiny_cfg):
     assert logits.shape == (3, model.config.vocab_size)
     full = model(input_ids=batch.input_ids).logits[0, 3:6]
     torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+    # switched off (fast.completion_logits=false): the head runs everywhere, same rows
+    torch.testing.assert_close(modeling.completion_logits(model, batch, only_needed=False),
+                               full, rtol=1e-5, atol=1e-5)
+
+
+def test_random_batching_covers_every_example_once_per_epoch(tiny_cfg):
+    cfg = tiny_cfg("sft.batching=random", "sft.epochs=2")
+    ex = [Example((1,) * n, (2,)) for n in range(1, 12)]
+    plan = sft.micro_batches(ex, cfg)
+    per_epoch = len(plan) // 2
+    for epoch in (plan[:per_epoch], plan[per_epoch:]):
+        assert sorted(i for b in epoch for i in b) == list(range(11))
+    assert plan[:per_epoch] != plan[per_epoch:]
 
 
 def test_sft_lowers_loss_and_changes_only_lora(tiny_cfg):
@@ -111,8 +124,8 @@ def test_non_finite_loss_stops_with_the_step(tiny_cfg, monkeypatch):
     real = sft.completion_loss
     calls = {"n": 0}
 
-    def nan_on_third(model, batch, reduction="mean"):
-        loss = real(model, batch, reduction)
+    def nan_on_third(model, batch, reduction="mean", only_needed=True):
+        loss = real(model, batch, reduction, only_needed)
         calls["n"] += 1
         return loss * float("nan") if model.training and calls["n"] >= 4 else loss
 
