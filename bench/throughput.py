@@ -1,0 +1,379 @@
+"""Throughput, peak memory and model FLOPs utilisation of each stage, with the naive RL
+baseline and every fast path switched off in turn.
+
+    python bench/throughput.py [--config demo] [--steps 3] [--warmup 1] [--only sft,generate,rl]
+                               [--cases rl/ours,rl/naive] [--out FILE] [key=value ...]
+
+Uses the SFT adapter in the config's run directory when there is one (run `posttrain sft`
+first for realistic sample lengths), else a fresh LoRA. Every case runs in its own process,
+so the peak resident memory it reports (CPU: ru_maxrss; CUDA: max allocated) is its own.
+Each case times `--warmup` steps it throws away, then `--steps` steps, and reports medians:
+
+  sft/*       one optimizer step (sft.grad_accum micro-batches of sft.batch_size)
+  generate/*  one batch of generate.batch_size prompts x generate.samples_per_prompt samples
+  rl/*        one optimizer step of offline RL (rl.grad_accum x rl.batch_size samples, drawn
+              once from the SFT policy and shared by every case)
+
+Cases: `ours` is the config as given (all fast paths on). `rl/naive` is the plain way: a
+second, separate reference model run forward on every step, every sample with its own copy
+of its prompt, the LM head at every position and a full-vocabulary log-softmax. Every other
+case switches one fast path off. Tokens/s counts the same tokens for every case of a stage
+(RL and SFT: prompt + completion of each sample; generation: new tokens), so two cases'
+ratio is their speed ratio.
+
+Model FLOPs per token: 2 x N (N = parameters outside the embedding) for every token a
+forward pass needs once (a shared prompt counts once), plus 2 x d x V for every position
+whose logits are used; training doubles both (the backward to the activations; the LoRA
+weight gradients are left out, as is attention's T^2 term). MFU divides the achieved model
+FLOP/s by the measured peak of a dense matmul of the same dtype on the same device. Wasted
+work (a reference forward, logits nobody uses) is not counted, so it shows as lower MFU.
+Writes the table as JSON to --out (default: <out_dir>/bench/throughput.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CASES = {  # name -> config overrides (and, for rl/naive, the separate reference model)
+    "sft/ours": (),
+    "sft/random-batches": ("sft.batching=random",),
+    "sft/all-logits": ("fast.completion_logits=false",),
+    "sft/fp32": ("model.precision=fp32",),
+    "generate/ours": (),
+    "generate/unmerged": ("model.merged_sampling=false",),
+    "generate/hf-generate": (),
+    "generate/hf-generate-merged": (),
+    "rl/ours": (),
+    "rl/naive": ("fast.completion_logits=false", "fast.fused_logprobs=false",
+                 "fast.recorded_reference=false", "rl.share_prompt=false"),
+    "rl/reference-forward": ("fast.recorded_reference=false",),
+    "rl/per-sample-prompt": ("rl.share_prompt=false",),
+    "rl/all-logits": ("fast.completion_logits=false",),
+    "rl/full-log-softmax": ("fast.fused_logprobs=false",),
+    "rl/fp32": ("model.precision=fp32",),
+}
+
+
+# ---------------------------------------------------------------- measuring
+
+def peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak(device, dtype, n: int = 2048, reps: int = 5) -> float:
+    """Median FLOP/s of an n x n x n matmul in `dtype` (the MFU denominator)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times[1:])
+
+
+def model_dims(model) -> tuple[int, int, int]:
+    """(N parameters outside the embedding, hidden size d, vocab V)."""
+    body = sum(p.numel() for n, p in model.named_parameters()
+               if "embed_tokens" not in n and "lm_head" not in n and "lora_" not in n)
+    return body, model.config.hidden_size, model.config.vocab_size
+
+
+def timed(fn, warmup: int, steps: int, device) -> list[tuple[float, object]]:
+    out = []
+    for k in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        value = fn(k)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if k >= warmup:
+            out.append((time.perf_counter() - t, value))
+    return out
+
+
+# ---------------------------------------------------------------- the cases
+
+def _sft_adapter(cfg, work: Path) -> Path:
+    """The run's SFT adapter, or a fresh LoRA saved once in the bench folder."""
+    from posttrain import modeling
+    path = cfg.run_dir / "sft" / "adapter"
+    if path.is_dir():
+        return path
+    path = work / "fresh-adapter"
+    if not path.is_dir():
+        device = modeling.resolve_device(cfg.model)
+        model = modeling.add_lora(modeling.load_base_model(cfg.model, device), cfg.lora)
+        modeling.save_adapter(model, modeling.load_tokenizer(cfg.model), path)
+    return path
+
+
+def prepare(cfg, work: Path, n_samples: int) -> None:
+    """Sample the offline RL steps' records once from the SFT policy (shared by rl/*)."""
+    from posttrain import modeling
+    from posttrain.generate import prompt_pool, sample_records
+    adapter = _sft_adapter(cfg, work)
+    device = modeling.resolve_device(cfg.model)
+    dtype = modeling.compute_dtype(cfg.model, device)
+    tok = modeling.load_tokenizer(cfg.model, str(adapter))
+    texts, ids = prompt_pool(cfg.data.train, cfg.data.train_split, tok, cfg)
+    G = cfg.generate.samples_per_prompt
+    n_prompts = -(-n_samples // G)
+    model = modeling.load_policy(cfg, device, adapter).eval()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    records = []
+    with torch.no_grad(), modeling.sampler(model, cfg.model, device, dtype) as policy:
+        for s in range(0, n_prompts, cfg.generate.batch_size):
+            e = min(s + cfg.generate.batch_size, n_prompts)
+            batch = sample_records(policy, tok, texts[s:e], ids[s:e], G,
+                                   cfg.generate.max_new_tokens, gen)
+            for r in batch:
+                r["group"] += s
+            records += batch
+    (work / "records.json").write_text(json.dumps(records))
+
+
+def run_sft(cfg, work, warmup, steps):
+    from posttrain import modeling, sft
+    from posttrain.data import collate
+    acc, dtype = sft.setup_accelerator(cfg)
+    tok = modeling.load_tokenizer(cfg.model)
+    train, _ = sft.load_examples(cfg, sft.load_split_rows(cfg), tok, log=lambda *a: None)
+    model = modeling.add_lora(modeling.load_base_model(cfg.model, acc.device), cfg.lora)
+    N, d, V = model_dims(model)
+    plan = sft.micro_batches(train, cfg)
+    optimizer = sft.build_optimizer(model, cfg.sft)
+    model, optimizer = acc.prepare(model, optimizer)
+    model.train()
+    ga = cfg.sft.grad_accum
+
+    def step(k):
+        tokens = flops = 0
+        chunk = plan[k * ga:(k + 1) * ga]
+        targets = sum(len(train[i].completion_ids) for ids in chunk for i in ids)
+        for ids in chunk:
+            batch = sft.to_device(collate([train[i] for i in ids], tok.pad_token_id,
+                                          packed=cfg.sft.batching == "packed"), acc.device)
+            with acc.autocast():
+                loss = sft.completion_loss(model, batch, "sum", cfg.fast.completion_logits)
+            acc.backward(loss / targets)
+            n = sum(len(train[i]) for i in ids)
+            c = sum(len(train[i].completion_ids) for i in ids)
+            tokens += n
+            flops += 2 * (2 * N * n + 2 * d * V * c)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens, flops
+
+    if len(plan) < (warmup + steps) * ga:
+        raise SystemExit(f"sft: only {len(plan)} micro-batches for {warmup + steps} steps")
+    return timed(step, warmup, steps, acc.device), acc.device, dtype
+
+
+def run_generate(cfg, work, warmup, steps, case):
+    from posttrain import modeling
+    from posttrain.generate import prompt_pool, sample_records
+    adapter = _sft_adapter(cfg, work)
+    device = modeling.resolve_device(cfg.model)
+    dtype = modeling.compute_dtype(cfg.model, device)
+    tok = modeling.load_tokenizer(cfg.model, str(adapter))
+    texts, ids = prompt_pool(cfg.data.train, cfg.data.train_split, tok, cfg)
+    model = modeling.load_policy(cfg, device, adapter).eval()
+    N, d, V = model_dims(model)
+    g, B = cfg.generate, cfg.generate.batch_size
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    if case.startswith("generate/hf-generate"):
+        if case.endswith("merged"):
+            model = model.merge_and_unload().to(dtype)
+        tok.padding_side = "left"
+
+        def step(k):  # prompts in data order (unsorted), padded, each repeated G times
+            batch = tok.pad({"input_ids": ids[k * B:(k + 1) * B]}, return_tensors="pt").to(device)
+            torch.manual_seed(cfg.seed + k)
+            with torch.no_grad(), modeling.autocast(device, dtype):
+                out = model.generate(**batch, do_sample=True, temperature=g.temperature,
+                                     top_p=g.top_p, top_k=0, max_new_tokens=g.max_new_tokens,
+                                     num_return_sequences=g.samples_per_prompt,
+                                     pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+            new = out[:, batch["input_ids"].shape[1]:]
+            ended = (new == tok.eos_token_id).int().cumsum(-1)   # count up to the first EOS
+            n = int(((ended == 0) | ((ended == 1) & (new == tok.eos_token_id))).sum())
+            prompt = sum(len(p) for p in ids[k * B:(k + 1) * B])
+            return n, 2 * N * (prompt + n) + 2 * d * V * n
+
+        return timed(step, warmup, steps, device), device, dtype
+
+    def step(k):
+        with torch.no_grad(), modeling.sampler(model, cfg.model, device, dtype) as policy:
+            recs = sample_records(policy, tok, texts[k * B:(k + 1) * B], ids[k * B:(k + 1) * B],
+                                  g.samples_per_prompt, g.max_new_tokens, gen, g.temperature,
+                                  g.top_p)
+        n = sum(len(r["completion_ids"]) for r in recs)
+        prompt = sum(len(p) for p in ids[k * B:(k + 1) * B])
+        return n, 2 * N * (prompt + n) + 2 * d * V * n
+
+    return timed(step, warmup, steps, device), device, dtype
+
+
+def run_rl(cfg, work, warmup, steps, case):
+    from posttrain import modeling, rl
+    from posttrain.sft import build_optimizer, build_scheduler, setup_accelerator
+    adapter = _sft_adapter(cfg, work)
+    acc, dtype = setup_accelerator(cfg)
+    tok = modeling.load_tokenizer(cfg.model, str(adapter))
+    records = json.loads((work / "records.json").read_text())
+    reward, stop_reward = rl.step_rewards(records, [r["length_" + cfg.reward.unit]
+                                                    for r in records], tok, cfg)
+    plan = rl.step_plan(records, cfg, epochs=1.0)
+    if len(plan) < warmup + steps:
+        raise SystemExit(f"rl: only {len(plan)} steps of samples for {warmup + steps}")
+    model = modeling.load_policy(cfg, acc.device, adapter, rl="new")
+    N, d, V = model_dims(model)
+    reference = None
+    if case == "rl/naive":  # a second, separate copy of the SFT model
+        reference = modeling.load_policy(cfg, acc.device, adapter).eval()
+    optimizer = build_optimizer(model, cfg.rl)
+    scheduler = build_scheduler(optimizer, cfg.rl, len(plan))
+    model, optimizer = acc.prepare(model, optimizer)
+    model.train()
+
+    def step(k):
+        rl.train_step(model, acc, optimizer, scheduler, records, plan[k], reward, stop_reward,
+                      cfg.rl.beta, cfg, tok, online=False, reference=reference)
+        groups = [g for mb in plan[k] for g in mb]
+        prompt_once = sum(len(records[g[0]]["prompt_ids"]) for g in groups)
+        comp = sum(len(records[i]["completion_ids"]) for g in groups for i in g)
+        tokens = sum(len(records[i]["prompt_ids"]) + len(records[i]["completion_ids"])
+                     for g in groups for i in g)
+        return tokens, 2 * (2 * N * (prompt_once + comp) + 2 * d * V * comp)
+
+    return timed(step, warmup, steps, acc.device), acc.device, dtype
+
+
+def child(args, overrides) -> None:
+    from posttrain.config import load_config
+    cfg = load_config(args.config, tuple(overrides) + CASES.get(args.case, ()))
+    work = Path(args.work)
+    torch.manual_seed(cfg.seed)
+    if args.case == "prepare":
+        plan_samples = (args.warmup + args.steps) * cfg.rl.batch_size * cfg.rl.grad_accum
+        prepare(cfg, work, plan_samples)
+        return
+    if args.case == "peak":
+        from posttrain import modeling
+        device = modeling.resolve_device(cfg.model)
+        out = {"fp32": matmul_peak(device, torch.float32)}
+        if modeling.bf16_supported(device):
+            out["bf16"] = matmul_peak(device, torch.bfloat16)
+        print("RESULT " + json.dumps(out))
+        return
+    stage = args.case.split("/")[0]
+    fn = {"sft": run_sft, "generate": run_generate, "rl": run_rl}[stage]
+    extra = () if stage == "sft" else (args.case,)
+    rows, device, dtype = fn(cfg, work, args.warmup, args.steps, *extra)
+    rates = [v[0] / t for t, v in rows]
+    flops = [v[1] / t for t, v in rows]
+    print("RESULT " + json.dumps({
+        "tokens_per_s": statistics.median(rates), "flops_per_s": statistics.median(flops),
+        "step_seconds": statistics.median(t for t, _ in rows),
+        "tokens_per_step": statistics.median(v[0] for _, v in rows),
+        "peak_mib": peak_memory_mib(device), "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device)}))
+
+
+# ---------------------------------------------------------------- the parent
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="demo")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--only", default="sft,generate,rl", help="stages to run")
+    ap.add_argument("--cases", default=None, help="comma-separated case names (see CASES)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if args.case:
+        child(args, args.overrides)
+        return
+    from posttrain.config import load_config
+    cfg = load_config(args.config, tuple(args.overrides))
+    work = cfg.run_dir / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    stages = args.only.split(",")
+    names = args.cases.split(",") if args.cases else [c for c in CASES
+                                                      if c.split("/")[0] in stages]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+
+    def spawn(case):
+        cmd = [sys.executable, __file__, "--case", case, "--work", str(work), "--config",
+               args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               *args.overrides]
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              env=dict(os.environ, TQDM_DISABLE="1"))
+        if done.returncode != 0:
+            raise SystemExit(f"{case} failed:\n{done.stderr[-4000:]}")
+        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+        return json.loads(line[-1][7:]) if line else None
+
+    print(f"bench: {args.config}, {args.warmup} warm-up + {args.steps} timed steps per case",
+          flush=True)
+    peak = spawn("peak")
+    if any(c.startswith("rl/") for c in names):
+        spawn("prepare")
+    results = {}
+    for case in names:
+        r = spawn(case)
+        r["mfu"] = r["flops_per_s"] / peak.get(r["dtype"], peak["fp32"])
+        results[case] = r
+        print(f"  {case:28} {r['tokens_per_s']:9.1f} tok/s  {r['peak_mib']:7.0f} MiB  "
+              f"MFU {100 * r['mfu']:5.2f}%", flush=True)
+    for stage in ("sft", "generate", "rl"):
+        base = results.get(f"{stage}/ours")
+        for case, r in results.items():
+            if base and case.startswith(stage + "/"):
+                r["speed_vs_ours"] = r["tokens_per_s"] / base["tokens_per_s"]
+                r["memory_vs_ours"] = r["peak_mib"] / base["peak_mib"]
+    print("\nmatmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
+    print(f"{'case':28} {'tokens/s':>9} {'vs ours':>8} {'step s':>7} {'peak MiB':>9} "
+          f"{'vs ours':>8} {'MFU':>6}")
+    for case, r in results.items():
+        print(f"{case:28} {r['tokens_per_s']:9.1f} {r.get('speed_vs_ours', 1):8.2f} "
+              f"{r['step_seconds']:7.2f} {r['peak_mib']:9.0f} {r.get('memory_vs_ours', 1):8.2f} "
+              f"{100 * r['mfu']:5.2f}%")
+    if "rl/ours" in results and "rl/naive" in results:
+        o, n = results["rl/ours"], results["rl/naive"]
+        print(f"\nRL step, ours vs naive: {o['tokens_per_s'] / n['tokens_per_s']:.2f}x tokens/s, "
+              f"peak memory {o['peak_mib']:.0f} vs {n['peak_mib']:.0f} MiB")
+    from posttrain.io import atomic_write_json
+    out = Path(args.out) if args.out else work / "throughput.json"
+    atomic_write_json(out, {"config": args.config, "overrides": args.overrides,
+                            "warmup": args.warmup, "steps": args.steps, "peak_flops": peak,
+                            "cases": results})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
