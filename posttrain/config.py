@@ -205,8 +205,14 @@ class GenerateConfig:
     null draws one per prompt from rl.target_range."""
     push_to_hub: Optional[str] = None
     """Hub dataset repo id to push the generated set to; null keeps it local."""
+    backend: str = "hf"
+    """Who samples the generation stage's set: `hf` (posttrain's sampler: one prompt pass
+    per group, finished rows leave the batch) or `vllm` (CUDA and the vllm package; the
+    behaviour log-probs are still computed by the SFT policy's own forward). Online RL
+    rounds always sample with `hf`."""
 
     def __post_init__(self):
+        _choice(self.backend, "generate.backend", ("hf", "vllm"))
         _positive(self.num_samples, "generate.num_samples")
         _positive(self.samples_per_prompt, "generate.samples_per_prompt")
         _positive(self.batch_size, "generate.batch_size")

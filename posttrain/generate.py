@@ -13,6 +13,7 @@ Each finished batch is written to `parts/` first, so a killed run resumes at its
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -96,6 +97,12 @@ def sample_records(model, tokenizer, texts: list[str], prompts: list[list[int]],
     samples = sampling.sample(model, prompts, group_size, max_new_tokens,
                               tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
                               temperature, top_p)
+    return records_of(samples, tokenizer, texts, prompts, targets)
+
+
+def records_of(samples, tokenizer, texts: list[str], prompts: list[list[int]],
+               targets: list | None = None) -> list[dict]:
+    """The records (plain dicts) of sampled completions, one per sample."""
     records = []
     for s in samples:
         body = s.token_ids[:-1] if s.ended_with_eos else s.token_ids
@@ -137,7 +144,15 @@ def run(cfg: Config) -> dict:
                                         if (cfg.run_dir / "sft" / "adapter").is_dir() else None)
     texts, prompts = prompt_pool(g.prompts or cfg.data.train,
                                  g.prompts_split or cfg.data.train_split, tokenizer, cfg)
+    vllm = None
+    if g.backend == "vllm":  # fail before loading anything
+        from posttrain import vllm_backend
+        vllm_backend.check_available(device)
     model = modeling.load_policy(cfg, device, cfg.run_dir / "sft" / "adapter").eval()
+    if g.backend == "vllm":
+        vllm = vllm_backend.VLLMSampler(
+            modeling.resolve_model_path(cfg.model), cfg.run_dir / "sft" / "adapter",
+            cfg.lora.rank, dtype, cfg.seed, cfg.data.max_prompt_tokens + g.max_new_tokens + 8)
 
     # 1. draw prompts with replacement (seeded); each draw gives samples_per_prompt samples
     draws = torch.randint(len(prompts), (g.num_samples // g.samples_per_prompt,),
@@ -147,7 +162,10 @@ def run(cfg: Config) -> dict:
     parts.mkdir(parents=True, exist_ok=True)
     t0, new_tokens = time.perf_counter(), 0
     bar = tqdm(batches, desc="generate", unit="batch")
-    with modeling.sampler(model, cfg.model, device, dtype) as policy:
+    # vLLM samples; our unmerged SFT policy scores its samples (the exact training forward)
+    sampler = (modeling.sampler(model, cfg.model, device, dtype) if vllm is None
+               else contextlib.nullcontext(model))
+    with sampler as policy:
         for b, idx in enumerate(bar):
             part = parts / f"{b:06d}.jsonl"
             if part.is_file():
@@ -158,9 +176,14 @@ def run(cfg: Config) -> dict:
             batch_texts, batch_ids = ([texts[i] for i in idx], [prompts[i] for i in idx])
             if cfg.data.length_cue:  # each draw asks for its own length
                 batch_texts, batch_ids = cue_prompts(batch_texts, targets, tokenizer, cfg)
-            records = sample_records(policy, tokenizer, batch_texts, batch_ids,
-                                     g.samples_per_prompt, g.max_new_tokens, gen,
-                                     g.temperature, g.top_p, targets)
+            if vllm is not None:
+                with modeling.autocast(device, dtype):
+                    records = vllm.records(policy, tokenizer, batch_texts, batch_ids, cfg,
+                                           cfg.seed * 100_003 + b, targets)
+            else:
+                records = sample_records(policy, tokenizer, batch_texts, batch_ids,
+                                         g.samples_per_prompt, g.max_new_tokens, gen,
+                                         g.temperature, g.top_p, targets)
             for r in records:  # group ids run over the whole set: one per prompt draw
                 r["group"] += b * g.batch_size
             atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in records))

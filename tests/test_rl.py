@@ -302,3 +302,54 @@ def test_online_rounds_train_resume_and_log(run_cfg, tmp_path, monkeypatch):
     # killed after the first round's checkpoint, the re-run ends with the same adapter
     cfg = run_cfg(f"out_dir={tmp_path / 'second'}", *args)
     assert_resume_matches(cfg, ref_w, monkeypatch)
+
+
+def test_vllm_backend_is_a_clear_error_without_cuda_or_vllm(run_cfg):
+    from posttrain.vllm_backend import BackendError
+    cfg = run_cfg("generate.backend=vllm")
+    with pytest.raises(BackendError, match="generate.backend=vllm needs a CUDA device"):
+        generate.run(cfg)
+    assert not (cfg.run_dir / "generate" / "dataset").exists()
+
+
+def test_vllm_backend_records_are_scored_by_the_sft_policy(run_cfg, monkeypatch):
+    """With vLLM's sampling replaced by fixed completions, the stage writes the records the
+    RL stage needs, their log-probs those of the SFT policy's own forward."""
+    from posttrain import vllm_backend
+    cfg = run_cfg("generate.backend=vllm", "generate.num_samples=8")
+    tok = modeling.load_tokenizer(cfg.model)
+    eos = tok.eos_token_id
+
+    class FakeSampler(vllm_backend.VLLMSampler):
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def sample(self, prompts, group, max_new_tokens, eos_id, temperature, top_p, seed):
+            # vLLM's outputs: one sample stopped (the EOS left out), one cut at max_new_tokens
+            from types import SimpleNamespace as NS
+            outs = [NS(outputs=[NS(token_ids=[5, 6, 7], finish_reason="stop"),
+                                NS(token_ids=[8] * max_new_tokens, finish_reason="length")])
+                    for _ in prompts]
+            return vllm_backend.rows_of(outs, eos_id)
+
+    monkeypatch.setattr(vllm_backend, "check_available", lambda device: None)
+    monkeypatch.setattr(vllm_backend, "VLLMSampler", FakeSampler)
+    cfg = run_cfg("generate.backend=vllm", "generate.num_samples=8",
+                  "generate.samples_per_prompt=2")
+    generate.run(cfg)
+    records, _ = generate.load_set(cfg.run_dir, tok)
+    assert len(records) == 8
+    stopped = [r for r in records if r["ended_with_eos"]]
+    assert stopped and all(r["completion_ids"] == [5, 6, 7, eos] for r in stopped)
+    assert all(len(r["completion_ids"]) == 12 for r in records if not r["ended_with_eos"])
+    model = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
+    batch = collate([Example(tuple(r["prompt_ids"]), tuple(r["completion_ids"]))
+                     for r in records], tok.pad_token_id)
+    with torch.no_grad():
+        logits = modeling.completion_logits(model, batch)
+    lp, lp_stop = O.target_and_stop_logprobs(logits, batch.targets, eos)
+    torch.testing.assert_close(lp, torch.tensor([x for r in records for x in r["logprobs"]]),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lp_stop, torch.tensor([x for r in records
+                                                      for x in r["stop_logprobs"]]),
+                               rtol=1e-4, atol=1e-4)
