@@ -52,10 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE.yaml",
                        help="YAML file whose values override the defaults, or the name of a "
                             "bundled config: " + ", ".join(bundled_configs()))
-        if name == "run":
-            p.add_argument("--force", action="store_true",
-                           help="redo a stage made with a different config (and the stages "
-                                "after it) instead of stopping")
+        p.add_argument("--force", action="store_true",
+                       help="redo a stage made with a different config (with `run`: and the "
+                            "stages after it) instead of stopping")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="overrides applied after the YAML file, dotted for nested fields "
                             "(e.g. lora.rank=8 sft.max_lr=1e-4)")
@@ -81,6 +80,8 @@ def main(argv=None) -> int:
         if args.stage == "run":
             module.run(cfg, force=args.force)
         else:
+            from posttrain.pipeline import guard_stage
+            guard_stage(cfg, args.stage, force=args.force)
             module.run(cfg)
     except (ConfigError, DataError, ModelError, TrainingError) as e:
         print(f"posttrain {args.stage}: error: {e}", file=sys.stderr)

@@ -534,7 +534,40 @@ def write_config(cfg: Config, stage: Optional[str] = None) -> Path:
     atomic_write_text(path, text)
     if stage is not None:
         atomic_write_text(cfg.run_dir / stage / "config.yaml", text)
+        from posttrain.io import atomic_write_json
+        atomic_write_json(cfg.run_dir / stage / "environment.json", environment())
     return path
+
+
+def environment() -> dict:
+    """What made a stage's outputs: package versions, the posttrain git commit (when run
+    from a checkout; `dirty` when it has uncommitted changes), Python and the device."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("posttrain", "torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    here = Path(__file__).resolve().parent
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], text=True,
+                                capture_output=True, timeout=10).stdout.strip() or None
+        if commit:
+            dirty = bool(subprocess.run(["git", "-C", str(here), "status", "--porcelain",
+                                         "--untracked-files=no"], text=True,
+                                        capture_output=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import torch
+    return {"versions": versions, "git_commit": commit, "git_dirty": dirty,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.version.cuda, "cuda_device": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else None}
 
 
 def field_docs(cls) -> dict:

@@ -155,6 +155,22 @@ def load_base_model(cfg: ModelConfig, device: torch.device):
     return model
 
 
+def check_context(cfg, model) -> None:
+    """Refuse settings that would run past the model's context window (positions it was
+    never trained on): the longest prompt plus the longest completion or sample."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    longest = max(cfg.data.max_completion_tokens, cfg.generate.max_new_tokens,
+                  cfg.eval.max_new_tokens or 0)
+    if cfg.data.max_prompt_tokens + longest > limit:
+        raise ModelError(
+            f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} plus the longest completion "
+            f"({longest} tokens: data.max_completion_tokens / generate.max_new_tokens / "
+            f"eval.max_new_tokens) exceeds model.name={cfg.model.name!r}'s context of {limit} "
+            "positions; lower them")
+
+
 def _bnb_config(device: torch.device):
     if device.type != "cuda":
         raise ModelError("model.load_in_4bit=true (QLoRA) needs a CUDA GPU; this run is on "
@@ -233,6 +249,7 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
     if not (Path(sft_dir) / "adapter_config.json").is_file():
         raise ModelError(f"{sft_dir}: no SFT adapter; run `posttrain sft` first")
     base = load_base_model(cfg.model, device)
+    check_context(cfg, base)
     model = load_adapter(base, sft_dir, trainable=False, name=SFT)
     # The SFT adapter is frozen: no dropout on it even in train mode, or pi_sft would be
     # noisy in the ratio and the KL.

@@ -67,6 +67,31 @@ def config_diff(cfg: Config, stage: str) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def guard_stage(cfg: Config, stage: str, force: bool = False) -> None:
+    """Before a stage run alone: refuse if the outputs it reads (earlier stages) or its own
+    were made with a different config. `force` redoes the stage itself (its folder is
+    removed); inputs made with another config are always refused."""
+    if stage not in STAGES:
+        return
+    names = list(STAGES)
+    for earlier in names[:names.index(stage)]:
+        diff = config_diff(cfg, earlier)
+        if diff:
+            raise ConfigError(
+                f"{cfg.run_dir / STAGES[earlier][1]} (the {earlier} stage's outputs, which "
+                f"{stage} reads) was made with a different config:\n  " + "\n  ".join(diff)
+                + f"\nredo {earlier} first (`posttrain {earlier} --force ...`), or use "
+                "another out_dir")
+    diff = config_diff(cfg, stage)
+    if diff and not force:
+        raise ConfigError(
+            f"{cfg.run_dir / STAGES[stage][1]} was made with a different config:\n  "
+            + "\n  ".join(diff) + f"\nuse another out_dir, or --force to redo {stage}")
+    if diff:
+        print(f"{stage}: config changed ({len(diff)} key(s)); redoing it")
+        _reset(cfg, [stage])
+
+
 def stage_done(cfg: Config, stage: str) -> bool:
     _, folder, marker, _ = STAGES[stage]
     return marker is not None and (cfg.run_dir / folder / marker).is_file()

@@ -165,6 +165,7 @@ def run(cfg: Config) -> dict:
 
     # The model: frozen base + fresh LoRA. Only LoRA weights are trainable.
     base = modeling.load_base_model(cfg.model, acc.device)
+    modeling.check_context(cfg, base)
     model = modeling.add_lora(base, cfg.lora, quantized=cfg.model.load_in_4bit)
     plan = micro_batches(train, cfg)
     # one optimizer step = grad_accum micro-batches on each of the processes
