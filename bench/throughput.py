@@ -10,7 +10,10 @@ so the peak resident memory it reports (CPU: ru_maxrss; CUDA: max allocated) is 
 Each case times `--warmup` steps it throws away, then `--steps` steps, and reports medians:
 
   sft/*       one optimizer step (sft.grad_accum micro-batches of sft.batch_size)
-  generate/*  one batch of generate.batch_size prompts x generate.samples_per_prompt samples
+  generate/*  one batch of generate.batch_size prompts x generate.samples_per_prompt samples;
+              the timed batches hold the same prompts in every case (sorted by length when
+              generate.group_by_length, else in data order) and tokens/s is their total
+              new tokens over their total time
   rl/*        one optimizer step of offline RL (rl.grad_accum x rl.batch_size samples, drawn
               once from the SFT policy and shared by every case)
 
@@ -50,6 +53,7 @@ CASES = {  # name -> config overrides (and, for rl/naive, the separate reference
     "sft/fp32": ("model.precision=fp32",),
     "generate/ours": (),
     "generate/unmerged": ("model.merged_sampling=false",),
+    "generate/unsorted": ("generate.group_by_length=false",),
     "generate/hf-generate": (),
     "generate/hf-generate-merged": (),
     "rl/ours": (),
@@ -198,13 +202,21 @@ def run_generate(cfg, work, warmup, steps, case):
     N, d, V = model_dims(model)
     g, B = cfg.generate, cfg.generate.batch_size
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    timed_idx = list(range(steps * B))      # the same prompts for every case
+    if g.group_by_length and not case.startswith("generate/hf-generate"):
+        timed_idx.sort(key=lambda i: len(ids[i]))
+    order = list(range(steps * B, (steps + warmup) * B)) + timed_idx   # warm-up first
+    if len(ids) < len(order):
+        raise SystemExit(f"generate: only {len(ids)} prompts for {len(order)}")
+    batches = [order[i:i + B] for i in range(0, len(order), B)]
     if case.startswith("generate/hf-generate"):
         if case.endswith("merged"):
             model = model.merge_and_unload().to(dtype)
         tok.padding_side = "left"
 
         def step(k):  # prompts in data order (unsorted), padded, each repeated G times
-            batch = tok.pad({"input_ids": ids[k * B:(k + 1) * B]}, return_tensors="pt").to(device)
+            batch = tok.pad({"input_ids": [ids[i] for i in batches[k]]},
+                            return_tensors="pt").to(device)
             torch.manual_seed(cfg.seed + k)
             with torch.no_grad(), modeling.autocast(device, dtype):
                 out = model.generate(**batch, do_sample=True, temperature=g.temperature,
@@ -215,18 +227,18 @@ def run_generate(cfg, work, warmup, steps, case):
             new = out[:, batch["input_ids"].shape[1]:]
             ended = (new == tok.eos_token_id).int().cumsum(-1)   # count up to the first EOS
             n = int(((ended == 0) | ((ended == 1) & (new == tok.eos_token_id))).sum())
-            prompt = sum(len(p) for p in ids[k * B:(k + 1) * B])
+            prompt = sum(len(ids[i]) for i in batches[k])
             return n, 2 * N * (prompt + n) + 2 * d * V * n
 
         return timed(step, warmup, steps, device), device, dtype
 
     def step(k):
         with torch.no_grad(), modeling.sampler(model, cfg.model, device, dtype) as policy:
-            recs = sample_records(policy, tok, texts[k * B:(k + 1) * B], ids[k * B:(k + 1) * B],
-                                  g.samples_per_prompt, g.max_new_tokens, gen, g.temperature,
-                                  g.top_p)
+            recs = sample_records(policy, tok, [texts[i] for i in batches[k]],
+                                  [ids[i] for i in batches[k]], g.samples_per_prompt,
+                                  g.max_new_tokens, gen, g.temperature, g.top_p)
         n = sum(len(r["completion_ids"]) for r in recs)
-        prompt = sum(len(p) for p in ids[k * B:(k + 1) * B])
+        prompt = sum(len(ids[i]) for i in batches[k])
         return n, 2 * N * (prompt + n) + 2 * d * V * n
 
     return timed(step, warmup, steps, device), device, dtype
@@ -288,10 +300,14 @@ def child(args, overrides) -> None:
     fn = {"sft": run_sft, "generate": run_generate, "rl": run_rl}[stage]
     extra = () if stage == "sft" else (args.case,)
     rows, device, dtype = fn(cfg, work, args.warmup, args.steps, *extra)
-    rates = [v[0] / t for t, v in rows]
-    flops = [v[1] / t for t, v in rows]
+    if stage == "generate":  # batches differ between cases: totals over the same prompts
+        total = sum(t for t, _ in rows)
+        rate, flop_rate = sum(v[0] for _, v in rows) / total, sum(v[1] for _, v in rows) / total
+    else:
+        rate = statistics.median(v[0] / t for t, v in rows)
+        flop_rate = statistics.median(v[1] / t for t, v in rows)
     print("RESULT " + json.dumps({
-        "tokens_per_s": statistics.median(rates), "flops_per_s": statistics.median(flops),
+        "tokens_per_s": rate, "flops_per_s": flop_rate,
         "step_seconds": statistics.median(t for t, _ in rows),
         "tokens_per_step": statistics.median(v[0] for _, v in rows),
         "peak_mib": peak_memory_mib(device), "dtype": str(dtype).replace("torch.", ""),

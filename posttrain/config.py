@@ -205,6 +205,9 @@ class GenerateConfig:
     null draws one per prompt from rl.target_range."""
     push_to_hub: Optional[str] = None
     """Hub dataset repo id to push the generated set to; null keeps it local."""
+    group_by_length: bool = True
+    """Batch the drawn prompts in order of length (less left-padding in the prompt pass and
+    the cache); false keeps the draw order (the plain way, for comparison)."""
     backend: str = "hf"
     """Who samples the generation stage's set: `hf` (posttrain's sampler: one prompt pass
     per group, finished rows leave the batch) or `vllm` (CUDA and the vllm package; the

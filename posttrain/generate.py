@@ -157,6 +157,8 @@ def run(cfg: Config) -> dict:
     # 1. draw prompts with replacement (seeded); each draw gives samples_per_prompt samples
     draws = torch.randint(len(prompts), (g.num_samples // g.samples_per_prompt,),
                           generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    if g.group_by_length:  # stable: equal lengths keep their draw order
+        draws = sorted(draws, key=lambda i: len(prompts[i]))
     batches = [draws[i:i + g.batch_size] for i in range(0, len(draws), g.batch_size)]
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
