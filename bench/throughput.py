@@ -20,9 +20,11 @@ Each case times `--warmup` steps it throws away, then `--steps` steps, and repor
 Cases: `ours` is the config as given (all fast paths on). `rl/naive` is the plain way: a
 second, separate reference model run forward on every step, every sample with its own copy
 of its prompt, the LM head at every position and a full-vocabulary log-softmax. Every other
-case switches one fast path off. Tokens/s counts the same tokens for every case of a stage
-(RL and SFT: prompt + completion of each sample; generation: new tokens), so two cases'
-ratio is their speed ratio.
+case switches one fast path off, except `*/bf16-weights`, which switches one on
+(model.frozen_dtype=compute: frozen base weights stored in bf16; off by default).
+Tokens/s counts the same tokens for every case of a stage (RL and SFT: prompt +
+completion of each sample; generation: new tokens), so two cases' ratio is their speed
+ratio.
 
 Model FLOPs per token: 2 x N (N = parameters outside the embedding) for every token a
 forward pass needs once (a shared prompt counts once), plus 2 x d x V for every position
@@ -51,6 +53,7 @@ CASES = {  # name -> config overrides (and, for rl/naive, the separate reference
     "sft/random-batches": ("sft.batching=random",),
     "sft/all-logits": ("fast.completion_logits=false",),
     "sft/fp32": ("model.precision=fp32",),
+    "sft/bf16-weights": ("model.frozen_dtype=compute",),
     "generate/ours": (),
     "generate/unmerged": ("model.merged_sampling=false",),
     "generate/unsorted": ("generate.group_by_length=false",),
@@ -64,6 +67,7 @@ CASES = {  # name -> config overrides (and, for rl/naive, the separate reference
     "rl/all-logits": ("fast.completion_logits=false",),
     "rl/full-log-softmax": ("fast.fused_logprobs=false",),
     "rl/fp32": ("model.precision=fp32",),
+    "rl/bf16-weights": ("model.frozen_dtype=compute",),
 }
 
 
@@ -362,7 +366,7 @@ def main() -> None:
     results = {}
     for case in names:
         r = spawn(case)
-        r["mfu"] = r["flops_per_s"] / peak.get(r["dtype"], peak["fp32"])
+        r["mfu"] = r["flops_per_s"] / peak["bf16" if r["dtype"] == "bfloat16" else "fp32"]
         results[case] = r
         print(f"  {case:28} {r['tokens_per_s']:9.1f} tok/s  {r['peak_mib']:7.0f} MiB  "
               f"MFU {100 * r['mfu']:5.2f}%", flush=True)

@@ -48,6 +48,12 @@ class ModelConfig:
     """Allow model code from the Hub to run. Off unless you trust the repository."""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu` or `cuda`."""
+    frozen_dtype: str = "fp32"
+    """Storage dtype of the frozen base weights: `fp32`, or `compute` (the compute dtype:
+    bf16 where model.precision resolves to bf16). `compute` halves the base model's memory
+    and removes autocast's per-forward weight casts; the residual stream is then bf16 too
+    (pure bf16, as most GPU recipes run), so results differ from `fp32` by rounding. The
+    LoRA weights stay fp32 either way; a 4-bit base is unaffected."""
     merged_sampling: bool = True
     """Sample (generate, eval, RL's held-out checks) from a copy of the policy with its LoRA
     adapters merged into the weights, in the compute dtype, without autocast: about 2x the
@@ -57,6 +63,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _choice(self.precision, "model.precision", ("auto", "fp32", "bf16"))
+        _choice(self.frozen_dtype, "model.frozen_dtype", ("fp32", "compute"))
         _choice(self.device, "model.device", ("auto", "cpu", "cuda"))
 
 

@@ -136,7 +136,8 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
 
 
 def load_base_model(cfg: ModelConfig, device: torch.device):
-    """The frozen base model on `device`: fp32 weights, or 4-bit NF4 for QLoRA."""
+    """The frozen base model on `device`: fp32 weights (the compute dtype with
+    model.frozen_dtype=compute), or 4-bit NF4 for QLoRA."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
@@ -151,6 +152,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device):
         raise ModelError(f"could not load model.name={cfg.name!r}: {str(e).splitlines()[0]}") from e
     if not cfg.load_in_4bit:
         model.to(device)
+        if cfg.frozen_dtype == "compute":  # no per-forward casts of the frozen weights
+            model.to(compute_dtype(cfg, device))
     model.requires_grad_(False)
     return model
 

@@ -79,3 +79,24 @@ def test_embedded_checksum_mismatch_is_refused(monkeypatch):
     monkeypatch.setattr(modeling, "EMBEDDED_SHA256", "0" * 64)
     with pytest.raises(modeling.ModelError, match="sha256.*does not match"):
         modeling.embedded_gguf()
+
+
+def test_frozen_weights_in_the_compute_dtype(tiny_model_dir):
+    """model.frozen_dtype=compute stores the frozen base in bf16 (LoRA stays fp32) and gives
+    the fp32-weight model's log-probs up to bf16 rounding."""
+    if not modeling.bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no bf16")
+    from posttrain import objectives as O
+    x = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10]])
+    out = {}
+    for frozen in ("fp32", "compute"):
+        cfg = ModelConfig(name=str(tiny_model_dir), precision="bf16", frozen_dtype=frozen)
+        model = modeling.add_lora(modeling.load_base_model(cfg, torch.device("cpu")),
+                                  LoraConfig(rank=4, alpha=8))
+        dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+        assert dtypes == {torch.float32 if frozen == "fp32" else torch.bfloat16}
+        assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+        with torch.no_grad(), modeling.autocast(torch.device("cpu"), torch.bfloat16):
+            logits = model(input_ids=x).logits[0, :-1]
+        out[frozen] = O.gather_logprobs(logits, x[0, 1:])
+    torch.testing.assert_close(out["compute"], out["fp32"], rtol=0.05, atol=0.05)
