@@ -122,8 +122,10 @@ def micro_batches(examples: list[Example], cfg: Config) -> list[list[int]]:
     return out[:max(1, int(round(cfg.sft.epochs * per_epoch)))]
 
 
-def completion_loss(model, batch, reduction: str = "mean", only_needed: bool = True) -> torch.Tensor:
-    """Cross-entropy of the completion tokens (prompt and padding carry no loss)."""
+def completion_loss(model, batch, reduction: str = "mean",
+                    only_needed: bool = True) -> torch.Tensor:
+    """Cross-entropy of the completion tokens (prompt and padding carry no loss);
+    `only_needed=False` runs the LM head at every position (fast.completion_logits)."""
     logits = modeling.completion_logits(model, batch, only_needed)          # (N, V)
     return F.cross_entropy(logits.float(), batch.targets, reduction=reduction)
 
