@@ -26,8 +26,8 @@ from posttrain.data import Example, collate
 from posttrain.generate import load_set, prompt_pool, sample_records
 from posttrain.io import atomic_write_json
 from posttrain.metrics import MetricsLogger
-from posttrain.sft import (TrainingError, build_optimizer, build_scheduler, optimizer_step,
-                           rank_share, setup_accelerator, sync_unless, to_device)
+from posttrain.sft import (TrainingError, all_finite, build_optimizer, build_scheduler,
+                           optimizer_step, rank_share, setup_accelerator, sync_unless, to_device)
 
 
 def step_plan(records: list[dict], cfg: Config, epochs: float | None = None,
@@ -238,7 +238,7 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
             # 4. + beta * k3 KL to the SFT policy
             kl = O.kl_k3(new, ref)
             loss = (pl * weight).sum() + beta * (kl * kl_weight).sum()
-            if not torch.isfinite(loss):
+            if not all_finite(acc, loss):
                 raise TrainingError("rl: non-finite loss")
             acc.backward(loss)
             if share == 0:

@@ -100,6 +100,15 @@ def rank_share(chunk: list, rank: int, world: int) -> list[tuple[object, float]]
     return mine + [(chunk[0], 0.0)] * (per_rank - len(mine))
 
 
+def all_finite(acc, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (all stop together, none waits forever
+    in a gradient all-reduce the others left)."""
+    bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, "max")
+    return not bool(bad.item())
+
+
 def sync_unless(acc, model, last: bool):
     """Gradient all-reduce only on a step's last backward (no_sync before it)."""
     return contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)
@@ -210,7 +219,7 @@ def run(cfg: Config) -> dict:
             with sync_unless(acc, model, k == len(mine) - 1):
                 with acc.autocast():
                     loss = completion_loss(model, batch, "sum", cfg.fast.completion_logits)
-                if not torch.isfinite(loss):
+                if not all_finite(acc, loss):
                     raise TrainingError(f"sft: non-finite loss at step {step + 1}; the last "
                                         f"good checkpoint is {checkpoint.latest(ckpt_dir)}")
                 # 3. backward: every completion token of the step weighs the same (the

@@ -21,19 +21,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_split_the_data_and_agree_on_the_weights(tiny_model_dir, tmp_path):
+def _launch(tmp_path, overrides, **env):
     worker = Path(__file__).with_name("dist_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]), **env)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(worker), str(tmp_path), *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_split_the_data_and_agree_on_the_weights(tiny_model_dir, tmp_path):
     overrides = TINY + (
         f"out_dir={tmp_path / 'run'}", f"model.name={tiny_model_dir}", "sft.batch_size=2",
         "sft.max_steps=0", "sft.grad_accum=1", "rl.mode=online", "rl.iterations=2",
         "rl.prompts_per_iteration=4", "generate.samples_per_prompt=2", "generate.batch_size=2",
         "rl.batch_size=2", "rl.grad_accum=1", "rl.max_steps=0", "rl.advantage=group")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(worker), str(tmp_path), *overrides]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = _launch(tmp_path, overrides)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -58,3 +62,14 @@ def test_two_processes_split_the_data_and_agree_on_the_weights(tiny_model_dir, t
     assert (run / "eval" / "report.json").is_file() and (run / "view" / "index.html").is_file()
     assert set(json.loads((run / "pipeline.json").read_text())) == {"sft", "rl", "eval", "plot",
                                                                     "view"}
+
+
+def test_a_nan_on_one_process_stops_both(tiny_model_dir, tmp_path):
+    """A non-finite loss on one rank stops every rank at the same step (none hangs in an
+    all-reduce the other left), naming the step."""
+    overrides = TINY + (f"out_dir={tmp_path / 'run'}", f"model.name={tiny_model_dir}",
+                        "sft.batch_size=2", "sft.max_steps=0", "sft.grad_accum=1")
+    done = _launch(tmp_path, overrides, NAN_ON_RANK="1")
+    assert done.returncode != 0
+    assert done.stderr.count("non-finite loss at step") >= 2, done.stderr[-3000:]
+    assert not (tmp_path / "run" / "sft" / "adapter").exists()
