@@ -52,8 +52,10 @@ class ModelConfig:
     """Storage dtype of the frozen base weights: `fp32`, or `compute` (the compute dtype:
     bf16 where model.precision resolves to bf16). `compute` halves the base model's memory
     and removes autocast's per-forward weight casts; the residual stream is then bf16 too
-    (pure bf16, as most GPU recipes run), so results differ from `fp32` by rounding. The
-    LoRA weights stay fp32 either way; a 4-bit base is unaffected."""
+    (pure bf16, as most GPU recipes run). The LoRA weights stay fp32 either way; a 4-bit
+    base is unaffected. Measured on the demo: 1.22x faster RL steps, but RL learned far
+    less (variance ratio 0.94 vs 2.86, KL 0.03 vs 0.18): the bf16 residual stream rounds
+    away small adapter changes. Not for RL at small learning rates."""
     merged_sampling: bool = True
     """Sample (generate, eval, RL's held-out checks) from a copy of the policy with its LoRA
     adapters merged into the weights, in the compute dtype, without autocast: about 2x the
