@@ -187,15 +187,15 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
     total_loss, ratio_max = 0.0, 0.0  # the objective as optimized (weighting depends on mode)
     # each process takes its share of the micro-batches (weight 0: a padding repeat)
     sizes = [int(lengths_of(records, [i for g in mb for i in g]).sum()) for mb in micro]
-    where = {id(mb): sum(sizes[:j]) for j, mb in enumerate(micro)}   # first token's row
-    mine = rank_share(micro, acc.process_index, acc.num_processes)
-    for k, (groups, share) in enumerate(mine):
+    starts = [sum(sizes[:j]) for j in range(len(micro))]   # each micro-batch's first token row
+    mine = rank_share(list(range(len(micro))), acc.process_index, acc.num_processes)
+    for k, (j, share) in enumerate(mine):
+        groups, offset = micro[j], starts[j]
         # one all-reduce per step: on the last backward only
         with sync_unless(acc, model, k == len(mine) - 1):
             ids = [i for g in groups for i in g]
             old = torch.tensor([lp for i in ids for lp in records[i]["logprobs"]],
                                device=acc.device)
-            offset = where[id(groups)]
             adv = adv_all[offset:offset + len(old)].to(acc.device)
             # the processes' gradients are averaged, hence the factor
             weight = weight_all[offset:offset + len(old)].to(acc.device) * (
