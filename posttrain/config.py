@@ -250,6 +250,10 @@ class RewardConfig:
     required."""
     width: Optional[float] = None
     """target_length: length difference at which the reward reaches 0 (null = the set's std)."""
+    ending: Optional[float] = None
+    """The reward of a completion with an abrupt ending (cut at the token limit, ending in
+    an ellipsis or without closing punctuation: the eval report's rule), in place of its
+    length reward; e.g. -1. null (the seed): length alone."""
 
     def __post_init__(self):
         _choice(self.name, "reward.name", ("zscore", "log_zscore", "target_length"))
@@ -306,9 +310,15 @@ class RLConfig:
     counterfactual credit for the stop decision at every position (the reward had the sample
     stopped there, minus the reward it got), applied to the policy's EOS probability.
     `best_of_n`: keep only the highest-reward sample of each prompt group and raise its
-    likelihood (advantage 1, PPO-clipped): distilling best-of-G sampling."""
+    likelihood (advantage 1, PPO-clipped): distilling best-of-G sampling. `group_stop`: both
+    `group` on every token and `stop` (scaled by `stop_weight`) in one loss. With
+    reward.ending set, the stop credit counts only positions where stopping would end
+    cleanly (stopping mid-sentence has no counterfactual: the group term punishes it)."""
     group_std: bool = False
-    """With advantage=group: divide by the group's reward std (GRPO) or not (Dr. GRPO)."""
+    """With advantage=group or group_stop: divide by the group's reward std (GRPO) or not
+    (Dr. GRPO)."""
+    stop_weight: float = 1.0
+    """With advantage=group_stop: the weight of the stop credit beside the group term."""
     loss_agg: str = "token"
     """`token`: the loss is averaged over all completion tokens of the step (the seed).
     `sequence`: averaged within each sample, then over samples."""
@@ -348,7 +358,9 @@ class RLConfig:
         if self.mode == "online" and self.advantage == "best_of_n":
             raise ConfigError("rl.advantage=best_of_n is for offline mode (it distils a fixed "
                               "set); use seed, group or stop with rl.mode=online")
-        _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "best_of_n"))
+        _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "group_stop",
+                                                  "best_of_n"))
+        _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
         _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence"))
         for name in ("epochs", "batch_size", "grad_accum", "clip_eps", "adv_clamp",
                      "best_of_n", "kl_horizon", "eval_prompts", "eval_samples_per_prompt",

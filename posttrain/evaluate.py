@@ -30,8 +30,7 @@ from posttrain.config import Config, ConfigError, write_config
 from posttrain.data import round_length
 from posttrain.generate import cue_prompts, heldout_rows, sample_records
 from posttrain.io import atomic_write_json, atomic_write_text
-
-SENTENCE_END = (".", "!", "?", '"', "'", ")", "]", "*", "”", "’")
+from posttrain.rewards import is_abrupt  # the one ending rule (the reward uses it too)
 
 
 # ---------------------------------------------------------------- metrics (pure)
@@ -42,13 +41,6 @@ def length_summary(values) -> dict:
     p5, p50, p95 = np.percentile(x, [5, 50, 95])
     return {"mean": float(x.mean()), "var": float(x.var()), "std": float(x.std()),
             "p5": float(p5), "p50": float(p50), "p95": float(p95)}
-
-
-def is_abrupt(text: str, truncated: bool) -> bool:
-    """An ending the seed called abrupt: cut at the token limit, trailing off in an ellipsis,
-    or stopping mid-sentence (no closing punctuation)."""
-    t = text.rstrip()
-    return truncated or not t or t.endswith(("...", "…")) or not t.endswith(SENTENCE_END)
 
 
 def rouge(predictions: list[str], references: list[str]) -> list[dict]:
@@ -268,7 +260,8 @@ def finish(cfg: Config, rows: list[dict], recs: list[dict], kl: dict) -> dict:
     set_lengths = _reward_lengths(cfg, samples)
     targets = [s["target"] for s in samples]
     rew = rewards.compute([s["length_" + cfg.reward.unit] for s in samples], set_lengths,
-                          cfg.reward, None if None in targets else targets).tolist()
+                          cfg.reward, None if None in targets else targets,
+                          [s["abrupt"] for s in samples]).tolist()
     for s, w in zip(samples, rew):
         s["reward"] = w
     prompts = [{"prompt_index": i, "prompt": r["prompt"], "reference": refs[i],

@@ -22,7 +22,7 @@ import torch
 from posttrain import modeling
 from posttrain.config import Config
 from posttrain.generate import cue_prompts, draw_targets, prompt_pool, sample_records
-from posttrain.rl import Trainer, step_plan, step_rewards
+from posttrain.rl import Trainer, abrupt_flags, step_plan, step_rewards
 
 
 def steps_per_round(cfg: Config, world: int = 1) -> int:
@@ -90,7 +90,8 @@ def run_online(cfg: Config, acc, dtype, tokenizer) -> dict:
         round_stats = dict(round=it + 1, round_len_mean=statistics.fmean(chars),
                            round_len_std=statistics.pstdev(chars), sample_seconds=seconds,
                            sampled_tokens=extra["sampled_tokens"],
-                           round_eos_rate=sum(r["ended_with_eos"] for r in records) / len(records))
+                           round_eos_rate=sum(r["ended_with_eos"] for r in records) / len(records),
+                           round_abrupt=statistics.fmean(abrupt_flags(records)))
         # 3. PPO epochs over the round's samples
         plan = step_plan(records, cfg, epochs=cfg.rl.ppo_epochs, seed=cfg.seed + 7919 * (it + 1),
                          world=acc.num_processes)

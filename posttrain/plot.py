@@ -129,14 +129,17 @@ def training_figures(run_dir: Path, out: Path) -> list[Path]:
     rl = read_metrics(run_dir, "rl")
     if rl:
         target = next((r["kl_target"] for r in rl if r.get("kl_target") is not None), None)
-        fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
+        fig, axes = plt.subplots(2, 4, figsize=(17, 6.4))
         _panel(axes[0][0], rl, ["loss", "policy_loss"], "RL loss")
         _panel(axes[0][1], rl, ["kl", "kl_k1"], "KL to SFT per token", target)
         _panel(axes[0][2], rl, ["beta"], "KL coefficient beta")
-        _panel(axes[1][0], rl, ["reward_mean"], "mean reward")
+        _panel(axes[0][3], rl, ["reward_mean"], "mean reward")
         # held-out checks, and in online mode the spread of each round's own samples
-        _panel(axes[1][1], rl, ["eval_len_mean", "round_len_mean"], "length mean (chars)")
-        _panel(axes[1][2], rl, ["eval_len_std", "round_len_std"], "length std (chars)")
+        _panel(axes[1][0], rl, ["eval_len_mean", "round_len_mean"], "length mean (chars)")
+        _panel(axes[1][1], rl, ["eval_len_std", "round_len_std"], "length std (chars)")
+        # the ending rule: the share of samples it penalised (per step; per round online)
+        _panel(axes[1][2], rl, ["penalised", "round_abrupt"], "abrupt endings (share)")
+        _panel(axes[1][3], rl, ["clip_frac"], "PPO clip fraction")
         fig.tight_layout()
         paths.append(_save(fig, out / "rl_training.png"))
     return paths

@@ -6,6 +6,10 @@ configured) to rewards, given the lengths of the whole generated set for its sta
     log_zscore     1 - |z| on log(len): symmetric in ratio, so on a right-skewed set the long
                    tail is not punished far harder than the short side
     target_length  1 - |len - target| / width: peaks at 1 at the length the user asks for
+
+With `reward.ending` set, a completion whose ending is abrupt (`is_abrupt`: cut at the token
+limit, trailing off in an ellipsis, or without closing punctuation) gets that value in place
+of its length reward, so RL cannot buy a length by stopping mid-sentence.
 """
 from __future__ import annotations
 
@@ -14,6 +18,16 @@ from typing import Callable
 import torch
 
 from posttrain.config import RewardConfig
+
+SENTENCE_END = (".", "!", "?", '"', "'", ")", "]", "*", "\u201d", "\u2019")
+
+
+def is_abrupt(text: str, truncated: bool) -> bool:
+    """An ending the seed called abrupt: cut at the token limit (`truncated`), trailing off
+    in an ellipsis, or stopping mid-sentence (no closing punctuation). The one rule both the
+    ending-aware reward and the eval report use."""
+    t = text.rstrip()
+    return truncated or not t or t.endswith(("...", "\u2026")) or not t.endswith(SENTENCE_END)
 
 
 def _mean_std(x: torch.Tensor) -> tuple[float, float]:
@@ -52,11 +66,14 @@ REWARDS: dict[str, Callable] = {"zscore": zscore, "log_zscore": log_zscore,
                                 "target_length": target_length}
 
 
-def compute(lengths, set_lengths, cfg: RewardConfig, targets=None) -> torch.Tensor:
+def compute(lengths, set_lengths, cfg: RewardConfig, targets=None, abrupt=None) -> torch.Tensor:
     """Rewards (S,) for `lengths` (S,), with statistics from `set_lengths` (M,); `targets`
-    (S,), when given, are the lengths each sample was asked for."""
+    (S,), when given, are the lengths each sample was asked for. `abrupt` (S,) bool, when
+    given and `cfg.ending` is set: those samples get `cfg.ending` instead."""
     if targets is not None:
         targets = torch.as_tensor(targets, dtype=torch.float64)
-    return REWARDS[cfg.name](torch.as_tensor(lengths, dtype=torch.float64),
-                             torch.as_tensor(set_lengths, dtype=torch.float64), cfg,
-                             targets).float()
+    r = REWARDS[cfg.name](torch.as_tensor(lengths, dtype=torch.float64),
+                          torch.as_tensor(set_lengths, dtype=torch.float64), cfg, targets).float()
+    if cfg.ending is not None and abrupt is not None:
+        r = torch.where(torch.as_tensor(abrupt, dtype=torch.bool), torch.tensor(cfg.ending), r)
+    return r

@@ -16,6 +16,7 @@ import math
 import shutil
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +27,7 @@ from posttrain.data import Example, collate
 from posttrain.generate import load_set, prompt_pool, sample_records
 from posttrain.io import atomic_write_json
 from posttrain.metrics import MetricsLogger
+from posttrain.rewards import is_abrupt
 from posttrain.sft import (TrainingError, all_finite, build_optimizer, build_scheduler,
                            optimizer_step, rank_share, setup_accelerator, sync_unless, to_device)
 
@@ -72,7 +74,7 @@ def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Te
     """Per-token advantages (N,) and loss weights (N,) for one step's S samples.
     reward, lengths, group: (S,) reward, completion tokens and prompt-group id per sample."""
     token_seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)      # (N,)
-    if cfg.rl.advantage == "group":
+    if cfg.rl.advantage in ("group", "group_stop"):
         adv = O.group_advantages(reward, group, cfg.rl.group_std)[token_seq]
     elif cfg.rl.advantage == "best_of_n":  # every kept sample is its group's best: A = 1
         adv = torch.ones(token_seq.shape)
@@ -134,33 +136,54 @@ def policy_logprobs(model, records: list[dict], groups: list[list[int]], pad_id:
     return O.gather_logprobs(logits, targets, fused)
 
 
-def prefix_lengths(records: list[dict], tokenizer, unit: str) -> list[list[int]]:
+def prefix_texts(records: list[dict], tokenizer) -> list[list[str]]:
+    """For each sample and each completion position t, the text the completion would have
+    been had it stopped before token t."""
+    return [[tokenizer.decode(r["completion_ids"][:t], skip_special_tokens=True)
+             for t in range(len(r["completion_ids"]))] for r in records]
+
+
+def prefix_lengths(records: list[dict], tokenizer, unit: str,
+                   texts: list[list[str]] | None = None) -> list[list[int]]:
     """For each sample and each completion position t, the length of the completion had it
     stopped before token t (chars of the decoded prefix, or t tokens)."""
     if unit == "tokens":
         return [list(range(len(r["completion_ids"]))) for r in records]
-    out = []
-    for r in records:
-        ids = r["completion_ids"]
-        out.append([len(tokenizer.decode(ids[:t], skip_special_tokens=True).strip())
-                    for t in range(len(ids))])
-    return out
+    texts = prefix_texts(records, tokenizer) if texts is None else texts
+    return [[len(t.strip()) for t in per] for per in texts]
+
+
+class StopCredit(NamedTuple):
+    """Per sample, at each completion position t: the reward had it stopped before token t
+    (T_s,), and whether stopping there was a clean ending (T_s,) bool (all true unless
+    reward.ending is set: then no credit where the prefix would end abruptly)."""
+    reward: list
+    clean: list
+
+
+def abrupt_flags(records: list[dict]) -> list[bool]:
+    return [is_abrupt(r["completion"], r["truncated"]) for r in records]
 
 
 def step_rewards(records: list[dict], set_lengths, tokenizer, cfg: Config):
-    """Rewards (S,) of the samples, and with rl.advantage=stop the reward each would have
-    earned had it stopped before each of its tokens (one (T_s,) tensor per sample)."""
+    """Rewards (S,) of the samples (with reward.ending: the penalty for abrupt endings), and
+    with rl.advantage=stop or group_stop the StopCredit of every position."""
     targets = [r.get("target") for r in records]
     if any(t is None for t in targets):
         targets = None   # plain prompts: the reward's own centre
     reward = rewards.compute([r["length_" + cfg.reward.unit] for r in records], set_lengths,
-                             cfg.reward, targets)
-    stop_reward = None
-    if cfg.rl.advantage == "stop":
-        stop_reward = [rewards.compute(p, set_lengths, cfg.reward,
-                                       None if targets is None else [targets[k]] * len(p))
-                       for k, p in enumerate(prefix_lengths(records, tokenizer, cfg.reward.unit))]
-    return reward, stop_reward
+                             cfg.reward, targets, abrupt_flags(records))
+    if cfg.rl.advantage not in ("stop", "group_stop"):
+        return reward, None
+    ending = cfg.reward.ending is not None
+    texts = prefix_texts(records, tokenizer) if ending or cfg.reward.unit == "chars" else None
+    stop_reward, clean = [], []
+    for k, p in enumerate(prefix_lengths(records, tokenizer, cfg.reward.unit, texts)):
+        stop_reward.append(rewards.compute(p, set_lengths, cfg.reward,
+                                           None if targets is None else [targets[k]] * len(p)))
+        clean.append(torch.tensor([not (ending and is_abrupt(t, False)) for t in texts[k]]
+                                  if ending else [True] * len(p), dtype=torch.bool))
+    return reward, StopCredit(stop_reward, clean)
 
 
 def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, reward_all,
@@ -204,7 +227,7 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
             with acc.autocast():
                 new = policy_logprobs(model, records, groups, tokenizer.pad_token_id,
                                       acc.device, cfg.rl.share_prompt,
-                                      eos if stop_reward else None, cfg.fast)
+                                      eos if stop_reward is not None else None, cfg.fast)
             ref = old
             forward_ref = online or reference is not None or not cfg.fast.recorded_reference
             if online and all("ref_logprobs" in records[i] for i in ids):   # a later PPO epoch
@@ -221,23 +244,32 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
                     for i, part in zip(ids, ref.split(lengths_of(records, ids).tolist())):
                         records[i]["ref_logprobs"] = part.tolist()
             kl_weight = weight
-            if stop_reward:  # 3a. counterfactual stop credit, summed per sample
+            if stop_reward is None:  # 3a. clipped policy loss, averaged per token or sample
+                pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+                objective = pl * weight
+            else:                    # 3b. with the counterfactual stop credit, summed per sample
                 new, lp_stop = new
                 old_stop = (torch.tensor([x for i in ids for x in records[i]["stop_logprobs"]],
                                          device=acc.device)
                             if "stop_logprobs" in records[ids[0]] else None)
-                pl = O.stop_credit_loss(
-                    lp_stop, torch.cat([stop_reward[i] for i in ids]).to(acc.device),
-                    reward_all[ids].repeat_interleave(lengths_of(records, ids)).to(acc.device),
-                    torch.cat([torch.tensor(records[i]["completion_ids"]) != eos
-                               for i in ids]).to(acc.device), old_stop, cfg.rl.clip_eps)
-                _, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
-                kl_weight = torch.full_like(weight, share * acc.num_processes / n_tokens)
-            else:            # 3b. clipped policy loss, averaged per token or per sample
-                pl, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+                r_stop = torch.cat([stop_reward.reward[i] for i in ids]).to(acc.device)
+                r_final = reward_all[ids].repeat_interleave(lengths_of(records, ids)).to(acc.device)
+                may_stop = torch.cat([(torch.tensor(records[i]["completion_ids"]) != eos)
+                                      & stop_reward.clean[i] for i in ids]).to(acc.device)
+                if cfg.rl.advantage == "group_stop":  # group term on every token + the credit
+                    per_sample = torch.full_like(weight, share * acc.num_processes / len(lengths))
+                    objective, pl, ratio, clipped = O.group_stop_loss(
+                        new, old, adv, weight, lp_stop, old_stop, r_stop, r_final, may_stop,
+                        per_sample, cfg.rl.stop_weight, cfg.rl.clip_eps)
+                else:                                 # the stop credit alone
+                    pl = O.stop_credit_loss(lp_stop, r_stop, r_final, may_stop, old_stop,
+                                            cfg.rl.clip_eps)
+                    objective = pl * weight
+                    _, ratio, clipped = O.clipped_policy_loss(new, old, adv, cfg.rl.clip_eps)
+                    kl_weight = torch.full_like(weight, share * acc.num_processes / n_tokens)
             # 4. + beta * k3 KL to the SFT policy
             kl = O.kl_k3(new, ref)
-            loss = (pl * weight).sum() + beta * (kl * kl_weight).sum()
+            loss = objective.sum() + beta * (kl * kl_weight).sum()
             if not all_finite(acc, loss):
                 raise TrainingError("rl: non-finite loss")
             acc.backward(loss)
@@ -257,7 +289,9 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
     # 5. clip gradients and step
     grad_norm, lr = optimizer_step(acc, model, optimizer, scheduler, cfg.rl.max_grad_norm)
     m = {k: v / n_tokens for k, v in sums.items()}
-    return dict(loss=total_loss, policy_loss=m["policy_loss"], kl=m["kl"], kl_k1=m["kl_k1"],
+    if cfg.reward.ending is not None:  # the share of the step's samples the ending rule hit
+        m["penalised"] = statistics.fmean(abrupt_flags([records[i] for i in flat]))
+    return dict(**({"penalised": m["penalised"]} if "penalised" in m else {}), loss=total_loss, policy_loss=m["policy_loss"], kl=m["kl"], kl_k1=m["kl_k1"],
                 beta=beta, clip_frac=m["clipped"], ratio_mean=m["ratio"], ratio_max=ratio_max,
                 adv_mean=adv_all.mean().item(), adv_std=adv_all.std().item(),
                 reward_mean=reward_all[flat].mean().item(), lr=lr, grad_norm=float(grad_norm),

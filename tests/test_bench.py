@@ -26,3 +26,28 @@ def test_throughput_bench_runs_each_kind_of_case(tiny_model_dir, tmp_path):
         assert r["tokens_per_s"] > 0 and r["peak_mib"] > 0 and 0 < r["mfu"], case
     assert "RL step, ours vs naive" in done.stdout
     assert table["peak_flops"]["fp32"] > 0
+
+
+def test_recipe_bench_runs_variants_saves_and_skips(tiny_model_dir, tmp_path):
+    """bench/rl_recipes.py on the tiny model: an offline and an online variant on one seed,
+    each judged against the shared SFT; a re-run takes the saved results."""
+    script = Path(__file__).parents[1] / "bench" / "rl_recipes.py"
+    out = tmp_path / "recipes"
+    cmd = [sys.executable, str(script), "--variants", "seed-offline,group-stop-end",
+           "--seeds", "3", "--out", str(out), "--eval-prompts", "3", "--eval-samples", "2",
+           f"model.name={tiny_model_dir}", *TINY, "rl.iterations=2", "rl.grad_accum=1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("seed-offline", "group-stop-end"):
+        r = json.loads((out / "results" / f"{name}-s3.json").read_text())
+        assert r["n"] == [6, 6] and r["variance_ratio"] > 0 and r["sampled_tokens"] > 0
+        assert r["kl"] is not None and r["rl_seconds"] > 0
+    # one SFT (and one SFT evaluation) shared by both variants
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("sft-")) == ["sft-s3"]
+    assert (out / "group-stop-end-s3" / "sft").resolve() == (out / "sft-s3" / "sft").resolve()
+    table = (out / "table.md").read_text()
+    assert "| seed-offline | 3 |" in table and "| group-stop-end | 3 |" in table
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done earlier") == 2
+    bad = subprocess.run(cmd[:2] + ["--variants", "nope"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown variant" in bad.stderr

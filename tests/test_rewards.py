@@ -40,3 +40,31 @@ def test_per_sample_targets_centre_each_reward():
     assert r.tolist() == pytest.approx([1.0, 1 - 40 / 50, 1 - 60 / 50])
     z = rewards.compute([80, 140], [100, 200], RewardConfig(name="zscore"), targets=[80, 200])
     assert z.tolist() == pytest.approx([1.0, 1 - 60 / 50])   # set std 50
+
+
+# hand-made completions: (text, truncated at the token limit, abrupt?)
+ENDINGS = [("I lost my keys.", False, False), ("I lost my keys and then", False, True),
+           ("so yeah...", False, True), ("so yeah\u2026", False, True),
+           ("All done.", True, True), ("", False, True), ('He said "fine."', False, False),
+           ("she said no!", False, False), ("(long story)", False, False)]
+
+
+def test_the_ending_rule_penalises_abrupt_completions_in_place_of_their_length_reward():
+    lengths = [140.0] * len(ENDINGS)            # all at the set's mean: length reward 1
+    abrupt = [rewards.is_abrupt(t, cut) for t, cut, _ in ENDINGS]
+    assert abrupt == [a for _, _, a in ENDINGS]
+    r = rewards.compute(lengths, SET, RewardConfig(ending=-1.0), abrupt=abrupt)
+    assert r.tolist() == [-1.0 if a else 1.0 for a in abrupt]
+    # off (the seed's default): the length alone, whatever the ending
+    assert rewards.compute(lengths, SET, RewardConfig(), abrupt=abrupt).tolist() == [1.0] * len(ENDINGS)
+    # a clean ending keeps its length reward, however far from the centre
+    far = rewards.compute([40.0, 40.0], SET, RewardConfig(ending=-0.5), abrupt=[False, True])
+    assert far.tolist() == pytest.approx([1 - 100 / math.sqrt(3200 / 3), -0.5])
+
+
+def test_the_ending_key_is_checked_and_off_by_default_in_the_seed_configs():
+    assert RewardConfig().ending is None
+    assert load_config("tldr-llama-3.2-1b", ()).reward.ending is None
+    assert load_config(None, ("reward.ending=-1",)).reward.ending == -1.0
+    with pytest.raises(ConfigError, match="reward.ending"):
+        load_config(None, ("reward.ending=abc",))

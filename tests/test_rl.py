@@ -353,3 +353,42 @@ def test_vllm_backend_records_are_scored_by_the_sft_policy(run_cfg, monkeypatch)
     torch.testing.assert_close(lp_stop, torch.tensor([x for r in records
                                                       for x in r["stop_logprobs"]]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_ending_aware_stop_credit_counts_only_clean_stops(run_cfg):
+    """With reward.ending, an abrupt sample's reward is the penalty, and the stop credit has
+    no counterfactual at a position where the prefix would end mid-sentence."""
+    cfg = run_cfg("rl.advantage=group_stop", "reward.ending=-1")
+    tok = modeling.load_tokenizer(cfg.model)
+    texts = ["I lost it. Then I ran", "Short. Done."]
+    records = []
+    for k, t in enumerate(texts):
+        ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        body = tok.decode(ids[:-1], skip_special_tokens=True)
+        records.append({"completion_ids": ids, "completion": body, "truncated": False,
+                        "length_chars": len(body.strip()), "length_tokens": len(ids) - 1,
+                        "target": None})
+    reward, stop = rl.step_rewards(records, [10.0, 20.0, 30.0], tok, cfg)
+    assert reward[0].item() == -1.0 and reward[1].item() != -1.0     # "...Then I ran": abrupt
+    prefixes = rl.prefix_texts(records, tok)
+    for k, per in enumerate(prefixes):
+        expected = [t.rstrip().endswith(".") for t in per]           # clean stops: after a "."
+        assert stop.clean[k].tolist() == expected and any(expected)
+        assert len(stop.reward[k]) == len(records[k]["completion_ids"])
+    # without the rule every position may stop, as before
+    _, plain = rl.step_rewards(records, [10.0, 20.0, 30.0], tok, run_cfg("rl.advantage=stop"))
+    assert all(c.all() for c in plain.clean)
+
+
+def test_online_group_stop_with_the_ending_rule_logs_the_penalised_share(run_cfg):
+    cfg = run_cfg("rl.mode=online", "rl.iterations=2", "rl.prompts_per_iteration=2",
+                  "generate.samples_per_prompt=3", "rl.batch_size=3", "rl.grad_accum=1",
+                  "rl.advantage=group_stop", "reward.ending=-1", "rl.eval_every=0")
+    summary = rl.run(cfg)
+    rows = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["stage"] == "rl" and "ratio_mean" in r]
+    assert summary["steps"] == 4 and steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert all(0.0 <= r["penalised"] <= 1.0 for r in steps)
+    rounds = [r for r in steps if "round" in r]
+    assert [r["round"] for r in rounds] == [1, 2] and all("round_abrupt" in r for r in rounds)
+    assert steps[-1]["kl"] > 0
