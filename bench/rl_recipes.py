@@ -60,6 +60,12 @@ VARIANTS = {
     "group-stop-end": Variant(
         "group-end plus the stop credit (weight 1) at clean sentence ends",
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0")),
+    "step-end": Variant(
+        "group-end with one baseline per step (all prompts) instead of per prompt",
+        _ONLINE + ("rl.advantage=group", "rl.baseline=step")),
+    "step-stop-end": Variant(
+        "group-stop-end with one baseline per step (all prompts) instead of per prompt",
+        _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step")),
     "group-stop-end-w4": Variant(
         "group-stop-end with the stop credit at weight 4",
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=4.0")),
@@ -196,6 +202,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/recipes")
     ap.add_argument("--eval-prompts", type=int, default=48)
     ap.add_argument("--eval-samples", type=int, default=5)
+    ap.add_argument("--report", action="store_true",
+                    help="only tabulate the finished results of these variants and seeds")
     ap.add_argument("overrides", nargs="*", help="key=value for every run (e.g. data paths)")
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
@@ -211,9 +219,11 @@ def main() -> None:
     for seed in seeds:               # seed-major: every variant has a result early
         for name in names:
             variant = VARIANTS[name]
+            done = out / "results" / f"{name}-s{seed}.json"
+            if args.report and not done.is_file():
+                continue
             sft, info = sft_run(args, out, name, variant, seed)
             sft_info[(name, seed)] = info
-            done = out / "results" / f"{name}-s{seed}.json"
             if done.is_file():
                 print(f"{name} seed {seed}: done earlier ({done})")
             else:

@@ -319,6 +319,12 @@ class RLConfig:
     (Dr. GRPO)."""
     stop_weight: float = 1.0
     """With advantage=group_stop: the weight of the stop credit beside the group term."""
+    baseline: str = "group"
+    """With advantage=group or group_stop, what a reward is compared with: `group`, the mean
+    reward of the same prompt's samples (GRPO), or `step`, the mean over the optimizer
+    step's samples (all prompts). A group baseline cannot see a prompt whose samples are all
+    too long or all too short, so it leaves the between-prompt part of the length spread
+    alone; `step` pushes on it too (the length target is the same for every prompt)."""
     loss_agg: str = "token"
     """`token`: the loss is averaged over all completion tokens of the step (the seed).
     `sequence`: averaged within each sample, then over samples."""
@@ -361,6 +367,7 @@ class RLConfig:
         _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "group_stop",
                                                   "best_of_n"))
         _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
+        _choice(self.baseline, "rl.baseline", ("group", "step"))
         _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence"))
         for name in ("epochs", "batch_size", "grad_accum", "clip_eps", "adv_clamp",
                      "best_of_n", "kl_horizon", "eval_prompts", "eval_samples_per_prompt",

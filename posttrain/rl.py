@@ -75,6 +75,8 @@ def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Te
     reward, lengths, group: (S,) reward, completion tokens and prompt-group id per sample."""
     token_seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)      # (N,)
     if cfg.rl.advantage in ("group", "group_stop"):
+        if cfg.rl.baseline == "step":   # one baseline for the whole step: every prompt
+            group = torch.zeros_like(group)
         adv = O.group_advantages(reward, group, cfg.rl.group_std)[token_seq]
     elif cfg.rl.advantage == "best_of_n":  # every kept sample is its group's best: A = 1
         adv = torch.ones(token_seq.shape)

@@ -355,6 +355,19 @@ def test_vllm_backend_records_are_scored_by_the_sft_policy(run_cfg, monkeypatch)
                                rtol=1e-4, atol=1e-4)
 
 
+def test_step_baseline_compares_each_reward_with_the_whole_step(run_cfg):
+    reward = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    lengths = torch.tensor([2, 1, 1, 3])
+    group = torch.tensor([0, 0, 1, 1])
+    adv, _ = rl.step_advantages(reward, lengths, group, run_cfg("rl.advantage=group"))
+    torch.testing.assert_close(adv, torch.tensor([0.5, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0]))
+    # the step's mean is 0.5: the second group, all at 0.5, gets no push either way, the
+    # first keeps its spread; a group all above the step's mean is pushed up as a whole
+    cfg = run_cfg("rl.advantage=group_stop", "rl.baseline=step")
+    adv, _ = rl.step_advantages(torch.tensor([1.0, 0.8, 0.2, 0.0]), lengths, group, cfg)
+    torch.testing.assert_close(adv, torch.tensor([0.5, 0.5, 0.3, -0.3, -0.5, -0.5, -0.5]))
+
+
 def test_ending_aware_stop_credit_counts_only_clean_stops(run_cfg):
     """With reward.ending, an abrupt sample's reward is the penalty, and the stop credit has
     no counterfactual at a position where the prefix would end mid-sentence."""
