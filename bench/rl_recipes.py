@@ -45,7 +45,8 @@ class Variant:
 _OFFLINE = ("rl.mode=offline", "rl.advantage=seed", "reward.ending=null", "rl.max_lr=3e-4",
             "rl.min_lr=3e-5", "rl.epochs=1", "rl.kl_control=adaptive")
 _ONLINE = ("rl.mode=online", "rl.max_lr=1e-3", "rl.min_lr=1e-4", "rl.ppo_epochs=2",
-           "reward.ending=-1", "rl.kl_control=adaptive")
+           "reward.ending=-1", "rl.kl_control=adaptive", "rl.baseline=group",
+           "rl.group_std=false", "rl.loss_agg=token")
 VARIANTS = {
     "seed-offline": Variant(
         "the seed's objective: offline set of 512 SFT samples, reward/tokens whitened, "
