@@ -67,6 +67,11 @@ VARIANTS = {
     "step-stop-end": Variant(
         "group-stop-end with one baseline per step (all prompts) instead of per prompt",
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step")),
+    "step-stop-end-flat": Variant(
+        "step-stop-end with the learning rate held at 1e-3 after warmup (no cosine decay: "
+        "the last rounds still learn)",
+        _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
+                   "rl.min_lr=1e-3")),
     "group-stop-end-w4": Variant(
         "group-stop-end with the stop credit at weight 4",
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=4.0")),
