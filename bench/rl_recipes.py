@@ -72,6 +72,11 @@ VARIANTS = {
         "the last rounds still learn)",
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
                    "rl.min_lr=1e-3")),
+    "step-stop-end-b0.1": Variant(
+        "step-stop-end with a KL coefficient that binds: beta fixed at 0.1 (at 0.01 the KL "
+        "term is a hundredth of the policy term's gradient)",
+        _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
+                   "rl.kl_control=fixed", "rl.beta=0.1")),
     "group-stop-end-w4": Variant(
         "group-stop-end with the stop credit at weight 4",
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=4.0")),
