@@ -46,7 +46,7 @@ _OFFLINE = ("rl.mode=offline", "rl.advantage=seed", "reward.ending=null", "rl.ma
             "rl.min_lr=3e-5", "rl.epochs=1", "rl.kl_control=adaptive")
 _ONLINE = ("rl.mode=online", "rl.max_lr=1e-3", "rl.min_lr=1e-4", "rl.ppo_epochs=2",
            "reward.ending=-1", "rl.kl_control=adaptive", "rl.baseline=group",
-           "rl.group_std=false", "rl.loss_agg=token")
+           "rl.group_std=false", "rl.loss_agg=token", "rl.credit=all")
 VARIANTS = {
     "seed-offline": Variant(
         "the seed's objective: offline set of 512 SFT samples, reward/tokens whitened, "
@@ -77,6 +77,11 @@ VARIANTS = {
         "term is a hundredth of the policy term's gradient)",
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
                    "rl.kl_control=fixed", "rl.beta=0.1")),
+    "step-dec-end": Variant(
+        "step-stop-end with the policy term on the decision tokens only (where the sample "
+        "could have stopped cleanly, and its EOS); the KL term on every token",
+        _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
+                   "rl.credit=decisions")),
     "group-stop-end-w4": Variant(
         "group-stop-end with the stop credit at weight 4",
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=4.0")),

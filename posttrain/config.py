@@ -319,6 +319,12 @@ class RLConfig:
     (Dr. GRPO)."""
     stop_weight: float = 1.0
     """With advantage=group_stop: the weight of the stop credit beside the group term."""
+    credit: str = "all"
+    """With advantage=group_stop: the tokens the group term's policy loss trains. `all`:
+    every completion token. `decisions`: only the tokens where the sample could have
+    stopped cleanly (after closing punctuation: go on, or stop) and its EOS, with the same
+    total weight; the words in between keep only the KL term, so the length moves without
+    rewriting the content. The KL term stays on every token."""
     baseline: str = "group"
     """With advantage=group or group_stop, what a reward is compared with: `group`, the mean
     reward of the same prompt's samples (GRPO), or `step`, the mean over the optimizer
@@ -368,6 +374,10 @@ class RLConfig:
                                                   "best_of_n"))
         _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
         _choice(self.baseline, "rl.baseline", ("group", "step"))
+        _choice(self.credit, "rl.credit", ("all", "decisions"))
+        if self.credit == "decisions" and self.advantage != "group_stop":
+            raise ConfigError("rl.credit=decisions needs rl.advantage=group_stop (set "
+                              "rl.stop_weight=0 for the group term alone)")
         _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence"))
         for name in ("epochs", "batch_size", "grad_accum", "clip_eps", "adv_clamp",
                      "best_of_n", "kl_horizon", "eval_prompts", "eval_samples_per_prompt",

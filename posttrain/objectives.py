@@ -148,6 +148,15 @@ def token_weights(token_seq: torch.Tensor, num_seqs: int, per_sequence: bool) ->
     return (1.0 / (counts * num_seqs))[token_seq]
 
 
+def decision_weights(weight: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
+    """Loss weights moved onto the decision tokens only, their total kept: w * d * sum(w) /
+    sum(w * d). With a length reward the decisions are where a sample could have stopped
+    cleanly (the token there: go on, or EOS), so the policy term leaves the words between
+    them alone. weight: (N,) float; decision: (N,) bool -> (N,)"""
+    kept = weight * decision.to(weight.dtype)                                       # (N,)
+    return kept * (weight.sum() / kept.sum().clamp(min=1e-12))
+
+
 def kl_k3(logp_new: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """Per-token KL(new || ref) estimate k3 = r - 1 - log r with r = p_ref / p_new.
     Never negative; 0 where the two agree. (N,), (N,) -> (N,)"""

@@ -157,10 +157,12 @@ def prefix_lengths(records: list[dict], tokenizer, unit: str,
 
 class StopCredit(NamedTuple):
     """Per sample, at each completion position t: the reward had it stopped before token t
-    (T_s,), and whether stopping there was a clean ending (T_s,) bool (all true unless
-    reward.ending is set: then no credit where the prefix would end abruptly)."""
+    (T_s,); whether stopping there would have ended cleanly (T_s,) bool; and whether the
+    stop credit counts there (T_s,) bool: everywhere, or with reward.ending set only where
+    stopping would have ended cleanly."""
     reward: list
     clean: list
+    counted: list
 
 
 def abrupt_flags(records: list[dict]) -> list[bool]:
@@ -177,15 +179,14 @@ def step_rewards(records: list[dict], set_lengths, tokenizer, cfg: Config):
                              cfg.reward, targets, abrupt_flags(records))
     if cfg.rl.advantage not in ("stop", "group_stop"):
         return reward, None
-    ending = cfg.reward.ending is not None
-    texts = prefix_texts(records, tokenizer) if ending or cfg.reward.unit == "chars" else None
+    texts = prefix_texts(records, tokenizer)
     stop_reward, clean = [], []
     for k, p in enumerate(prefix_lengths(records, tokenizer, cfg.reward.unit, texts)):
         stop_reward.append(rewards.compute(p, set_lengths, cfg.reward,
                                            None if targets is None else [targets[k]] * len(p)))
-        clean.append(torch.tensor([not (ending and is_abrupt(t, False)) for t in texts[k]]
-                                  if ending else [True] * len(p), dtype=torch.bool))
-    return reward, StopCredit(stop_reward, clean)
+        clean.append(torch.tensor([not is_abrupt(t, False) for t in texts[k]], dtype=torch.bool))
+    counted = clean if cfg.reward.ending is not None else [torch.ones_like(c) for c in clean]
+    return reward, StopCredit(stop_reward, clean, counted)
 
 
 def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, reward_all,
@@ -204,6 +205,11 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
     lengths = lengths_of(records, flat)
     group = torch.tensor([k for k, g in enumerate(g for mb in micro for g in mb) for _ in g])
     adv_all, weight_all = step_advantages(reward_all[flat], lengths, group, cfg)
+    policy_w_all = weight_all                  # the policy term's weights (the KL's: weight_all)
+    if cfg.rl.credit == "decisions":           # only where the sample could stop cleanly
+        policy_w_all = O.decision_weights(weight_all, torch.cat(
+            [stop_reward.clean[i] | (torch.tensor(records[i]["completion_ids"]) == eos)
+             for i in flat]))
     n_tokens = int(lengths.sum())
     # tokens the forward passes process: a shared prompt counts once for its group
     prompt_tokens = sum(len(records[g[0]]["prompt_ids"]) * (1 if cfg.rl.share_prompt else len(g))
@@ -224,6 +230,8 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
             adv = adv_all[offset:offset + len(old)].to(acc.device)
             # the processes' gradients are averaged, hence the factor
             weight = weight_all[offset:offset + len(old)].to(acc.device) * (
+                share * acc.num_processes)
+            policy_w = policy_w_all[offset:offset + len(old)].to(acc.device) * (
                 share * acc.num_processes)
             # 2. log-probs of the sampled tokens under the current policy (and the reference)
             with acc.autocast():
@@ -257,11 +265,11 @@ def train_step(model, acc, optimizer, scheduler, records: list[dict], micro, rew
                 r_stop = torch.cat([stop_reward.reward[i] for i in ids]).to(acc.device)
                 r_final = reward_all[ids].repeat_interleave(lengths_of(records, ids)).to(acc.device)
                 may_stop = torch.cat([(torch.tensor(records[i]["completion_ids"]) != eos)
-                                      & stop_reward.clean[i] for i in ids]).to(acc.device)
+                                      & stop_reward.counted[i] for i in ids]).to(acc.device)
                 if cfg.rl.advantage == "group_stop":  # group term on every token + the credit
                     per_sample = torch.full_like(weight, share * acc.num_processes / len(lengths))
                     objective, pl, ratio, clipped = O.group_stop_loss(
-                        new, old, adv, weight, lp_stop, old_stop, r_stop, r_final, may_stop,
+                        new, old, adv, policy_w, lp_stop, old_stop, r_stop, r_final, may_stop,
                         per_sample, cfg.rl.stop_weight, cfg.rl.clip_eps)
                 else:                                 # the stop credit alone
                     pl = O.stop_credit_loss(lp_stop, r_stop, r_final, may_stop, old_stop,

@@ -180,3 +180,12 @@ def test_group_stop_loss_on_a_hand_computed_group():
     alone, *_ = O.group_stop_loss(lp, lp.detach(), adv, weight, lp_stop, lp_stop.detach(),
                                   stop_reward, final, may_stop, seq_w, stop_weight=0.0, eps=0.3)
     torch.testing.assert_close(alone, -adv * weight)
+
+
+def test_decision_weights_keep_the_total_on_the_decision_tokens():
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    d = torch.tensor([False, True, False, True])
+    out = O.decision_weights(w, d)
+    torch.testing.assert_close(out, torch.tensor([0.0, 1 / 3, 0.0, 2 / 3]))
+    assert out.sum().item() == pytest.approx(w.sum().item())
+    torch.testing.assert_close(O.decision_weights(w, torch.ones(4, dtype=torch.bool)), w)

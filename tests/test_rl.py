@@ -1,5 +1,6 @@
 """generate + rl on the tiny model: stored log-probs are pi_sft, the ratio is 1 at step 0,
 only the RL adapter trains, resume, and bad input."""
+import math
 import json
 import shutil
 
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import generate, modeling, objectives as O, rl, sft
+from posttrain.config import ConfigError
 from posttrain.data import DataError, Example, collate
 
 RL_ARGS = ("generate.num_samples=24", "generate.samples_per_prompt=4", "generate.batch_size=3",
@@ -387,10 +389,12 @@ def test_ending_aware_stop_credit_counts_only_clean_stops(run_cfg):
     for k, per in enumerate(prefixes):
         expected = [t.rstrip().endswith(".") for t in per]           # clean stops: after a "."
         assert stop.clean[k].tolist() == expected and any(expected)
+        assert stop.counted[k].tolist() == expected
         assert len(stop.reward[k]) == len(records[k]["completion_ids"])
     # without the rule every position may stop, as before
     _, plain = rl.step_rewards(records, [10.0, 20.0, 30.0], tok, run_cfg("rl.advantage=stop"))
-    assert all(c.all() for c in plain.clean)
+    assert all(c.all() for c in plain.counted)
+    assert [c.tolist() for c in plain.clean] == [c.tolist() for c in stop.clean]
 
 
 def test_online_group_stop_with_the_ending_rule_logs_the_penalised_share(run_cfg):
@@ -405,3 +409,19 @@ def test_online_group_stop_with_the_ending_rule_logs_the_penalised_share(run_cfg
     rounds = [r for r in steps if "round" in r]
     assert [r["round"] for r in rounds] == [1, 2] and all("round_abrupt" in r for r in rounds)
     assert steps[-1]["kl"] > 0
+
+
+def test_decision_credit_trains_the_policy_term_only_at_clean_stops(run_cfg):
+    """rl.credit=decisions (the weights themselves: test_decision_weights_*) trains online
+    with the step baseline and the ending rule; it needs the group_stop objective."""
+    cfg = run_cfg("rl.mode=online", "rl.iterations=1", "rl.prompts_per_iteration=2",
+                  "generate.samples_per_prompt=3", "rl.batch_size=3", "rl.grad_accum=1",
+                  "rl.advantage=group_stop", "rl.credit=decisions", "rl.baseline=step",
+                  "reward.ending=-1", "rl.eval_every=0")
+    summary = rl.run(cfg)
+    rows = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["stage"] == "rl" and "ratio_mean" in r]
+    assert summary["steps"] == 2 and steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    with pytest.raises(ConfigError, match="rl.credit=decisions needs rl.advantage=group_stop"):
+        run_cfg("rl.credit=decisions", "rl.advantage=group")
