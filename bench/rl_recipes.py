@@ -73,8 +73,7 @@ VARIANTS = {
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
                    "rl.min_lr=1e-3")),
     "step-stop-end-b0.1": Variant(
-        "step-stop-end with a KL coefficient that binds: beta fixed at 0.1 (at 0.01 the KL "
-        "term is a hundredth of the policy term's gradient)",
+        "step-stop-end with a 10x stronger KL term: beta fixed at 0.1",
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
                    "rl.kl_control=fixed", "rl.beta=0.1")),
     "step-dec-end": Variant(
