@@ -43,9 +43,9 @@ class Variant:
 # Every variant spells out the keys it depends on, so it means the same whatever the base
 # config's RL section holds (a later key=value wins over an earlier one).
 _OFFLINE = ("rl.mode=offline", "rl.advantage=seed", "reward.ending=null", "rl.max_lr=3e-4",
-            "rl.min_lr=3e-5", "rl.epochs=1", "rl.kl_control=adaptive")
+            "rl.min_lr=3e-5", "rl.epochs=1", "rl.kl_control=adaptive", "rl.beta=0.01")
 _ONLINE = ("rl.mode=online", "rl.max_lr=1e-3", "rl.min_lr=1e-4", "rl.ppo_epochs=2",
-           "reward.ending=-1", "rl.kl_control=adaptive", "rl.baseline=group",
+           "reward.ending=-1", "rl.kl_control=adaptive", "rl.beta=0.01", "rl.baseline=group",
            "rl.group_std=false", "rl.loss_agg=token", "rl.credit=all")
 VARIANTS = {
     "seed-offline": Variant(
@@ -54,7 +54,7 @@ VARIANTS = {
     "demo-stop": Variant(
         "main's demo: online, stop credit alone, no ending rule, lr 3e-4, 1 PPO epoch",
         ("rl.mode=online", "rl.advantage=stop", "reward.ending=null", "rl.max_lr=3e-4",
-         "rl.min_lr=3e-5", "rl.ppo_epochs=1", "rl.kl_control=adaptive")),
+         "rl.min_lr=3e-5", "rl.ppo_epochs=1", "rl.kl_control=adaptive", "rl.beta=0.01")),
     "group-end": Variant(
         "online, group advantages on every token, -1 for an abrupt ending, lr 1e-3, "
         "2 PPO epochs", _ONLINE + ("rl.advantage=group",)),
