@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import sys
 
-from posttrain.config import ConfigError, bundled_configs, describe, load_config
+from posttrain import __version__
+from posttrain.config import (BUNDLED, DEFAULTS, ConfigError, bundled_configs, describe,
+                              load_config, to_yaml)
 
 # stage -> (module, config sections it reads, one-line help)
 STAGES = {
@@ -14,26 +16,40 @@ STAGES = {
     "generate": ("posttrain.generate", ("model", "data", "generate"),
                  "sample completions from the SFT policy into a scored dataset for RL"),
     "rl": ("posttrain.rl", ("model", "lora", "data", "generate", "reward", "rl"),
-           "PPO-style RL on the generated set against the frozen SFT policy"),
+           "PPO-style RL (offline on the generated set, or online rounds) against the frozen "
+           "SFT policy"),
     "eval": ("posttrain.evaluate", ("model", "data", "generate", "reward", "eval"),
              "sample base/SFT/RL on held-out prompts; length spread, ROUGE, KL -> report"),
     "plot": ("posttrain.plot", (), "PNG figures: length distributions and training curves"),
     "view": ("posttrain.view", (), "one self-contained HTML page to read SFT/RL samples side by side"),
     "run": ("posttrain.pipeline", None,
             "the whole pipeline (sft, generate, rl, eval, plot, view) in one run directory, "
-            "skipping finished stages; with no --config it runs the demo"),
+            "skipping finished stages"),
 }
+LAUNCH_FILES = ("ddp", "fsdp", "deepspeed-zero2")
 
 EXAMPLES = """examples:
   posttrain run                                   # the demo, end to end (CPU, embedded model)
-  posttrain run --config tldr-smollm2-cpu data.train=../shared/data/tifu/train.jsonl \\
+  posttrain run --config tldr-smollm2-cpu data.train=../shared/data/tldr/train.jsonl \\
       data.eval=../shared/data/tldr/dev.jsonl
-  posttrain sft --config configs/demo.yaml
-  posttrain sft --config configs/tldr-smollm2-cpu.yaml data.train=../shared/data/tifu/train.jsonl
+  posttrain sft                                   # one stage of the demo
   posttrain sft out_dir=runs/try lora.rank=8 sft.max_lr=1e-4
-  posttrain generate --config configs/demo.yaml generate.num_samples=256
-  posttrain rl --config configs/demo.yaml rl.kl_control=adaptive
+  posttrain rl --config defaults out_dir=runs/seed  # the seed's offline method (the defaults)
+  posttrain rl --print-config rl.kl_control=adaptive
+  accelerate launch --config_file "$(posttrain accelerate-config ddp)" -m posttrain run
+
+Without --config every stage uses the demo's config (the bundled `demo`), as `posttrain run`
+does; `--config defaults` takes the dataclass defaults, which are the seed's method.
 """
+
+FORCE_HELP = {
+    "run": "redo every stage from the first whose config changed (all stages when none "
+           "changed), replacing each stage's old outputs only once its new ones are written; "
+           "the later stages' old outputs count as stale meanwhile",
+}
+FORCE_DEFAULT = ("redo this stage even if it finished (with the same or a changed config); its "
+                 "old outputs are replaced only once the new ones are written, and the later "
+                 "stages' outputs are then marked stale")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Post-train a causal LM: SFT, then RL that shapes one property of the "
                     "output. Each stage reads and writes one run directory (out_dir).",
         epilog=EXAMPLES)
+    parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
     for name, (_, sections, help_) in STAGES.items():
         p = sub.add_parser(
@@ -49,45 +66,68 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog="options (set in the YAML file or as key=value; defaults shown):\n"
                    + describe(sections=sections))
-        p.add_argument("--config", metavar="FILE.yaml",
+        p.add_argument("--config", metavar="FILE.yaml", default="demo",
                        help="YAML file whose values override the defaults, or the name of a "
-                            "bundled config: " + ", ".join(bundled_configs()))
-        p.add_argument("--force", action="store_true",
-                       help="redo a stage made with a different config (with `run`: and the "
-                            "stages after it) instead of stopping")
+                            "bundled config: " + ", ".join(bundled_configs()) + f", or "
+                            f"`{DEFAULTS}` (no file: the dataclass defaults, the seed's "
+                            "method). Default: demo")
+        p.add_argument("--force", action="store_true", help=FORCE_HELP.get(name, FORCE_DEFAULT))
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (defaults, file, overrides) and exit")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="overrides applied after the YAML file, dotted for nested fields "
-                            "(e.g. lora.rank=8 sft.max_lr=1e-4)")
+                            "(e.g. lora.rank=8 sft.max_lr=1e-4); before or after --config")
+    p = sub.add_parser("accelerate-config", help="print the path of an installed `accelerate "
+                       "launch` config file (" + ", ".join(LAUNCH_FILES) + ")")
+    p.add_argument("name", choices=LAUNCH_FILES)
     return parser
+
+
+def _is_main() -> bool:
+    """Under `accelerate launch` / torchrun only rank 0 reports a bad input."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may stand before and after --config: argparse hands the later
+    # ones back as extras
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
     if args.stage is None:
         parser.print_help()
         return 2
+    if args.stage == "accelerate-config":
+        print(BUNDLED / "accelerate" / f"{args.name}.yaml")
+        return 0
     from posttrain.data import DataError
+    from posttrain.io import InputFileError
     from posttrain.modeling import ModelError
     from posttrain.sft import TrainingError
 
     try:
-        config = args.config
-        if args.stage == "run" and config is None:
-            config = "demo"
-        cfg = load_config(config, tuple(args.overrides))
-        module = importlib.import_module(STAGES[args.stage][0])
+        cfg = load_config(None if args.config == DEFAULTS else args.config,
+                          tuple(args.overrides))
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from posttrain import pipeline
+        pipeline.check_out_dir(cfg)
         if args.stage == "run":
-            module.run(cfg, force=args.force)
+            pipeline.run(cfg, force=args.force)
         else:
-            from posttrain.pipeline import guard_stage
-            guard_stage(cfg, args.stage, force=args.force)
-            module.run(cfg)
-    except (ConfigError, DataError, ModelError, TrainingError) as e:
-        print(f"posttrain {args.stage}: error: {e}", file=sys.stderr)
+            pipeline.run_stage(cfg, args.stage, force=args.force)
+    except (ConfigError, DataError, ModelError, TrainingError, InputFileError) as e:
+        if _is_main():
+            print(f"posttrain {args.stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"posttrain {args.stage}: interrupted; re-run the same command to resume",
-              file=sys.stderr)
+        if _is_main():
+            print(f"posttrain {args.stage}: interrupted; re-run the same command to resume",
+                  file=sys.stderr)
         return 130
     return 0

@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it."""
 
 
+DEFAULTS = "defaults"
+"""`--config defaults`: no file, the dataclass defaults (the seed's method)."""
+
+
 def _choice(value, name: str, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
@@ -83,6 +87,7 @@ class LoraConfig:
 
     def __post_init__(self):
         _positive(self.rank, "lora.rank")
+        _positive(self.alpha, "lora.alpha")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout={self.dropout!r} must be in [0, 1)")
         if not self.target_modules:
@@ -139,6 +144,9 @@ class DataConfig:
             raise ConfigError(f"data.length_cue={self.length_cue!r} must contain '{{length}}' "
                               "where the requested length goes")
         _positive(self.length_round, "data.length_round")
+        for name in ("max_train_rows", "max_eval_rows"):
+            if getattr(self, name) is not None:
+                _positive(getattr(self, name), f"data.{name}")
         if self.overlong == "truncate" and not 0 < self.truncate_keep_tail < self.max_prompt_tokens:
             raise ConfigError("data.truncate_keep_tail must be > 0 and < data.max_prompt_tokens")
 
@@ -184,6 +192,10 @@ class SFTConfig:
         _positive(self.eval_batch_size, "sft.eval_batch_size")
         _positive(self.checkpoint_every, "sft.checkpoint_every", allow_zero=True)
         _positive(self.keep_checkpoints, "sft.keep_checkpoints")
+        _positive(self.max_lr, "sft.max_lr")
+        _positive(self.min_lr, "sft.min_lr", allow_zero=True)
+        _positive(self.weight_decay, "sft.weight_decay", allow_zero=True)
+        _positive(self.max_grad_norm, "sft.max_grad_norm", allow_zero=True)
         if self.min_lr > self.max_lr:
             raise ConfigError(f"sft.min_lr={self.min_lr} is above sft.max_lr={self.max_lr}")
         if not 0 <= self.warmup_ratio < 1:
@@ -387,6 +399,9 @@ class RLConfig:
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"rl.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         _positive(self.max_lr, "rl.max_lr")
+        _positive(self.min_lr, "rl.min_lr", allow_zero=True)
+        _positive(self.weight_decay, "rl.weight_decay", allow_zero=True)
+        _positive(self.max_grad_norm, "rl.max_grad_norm", allow_zero=True)
         if not 0 < self.clip_eps < 1:
             raise ConfigError(f"rl.clip_eps={self.clip_eps!r} must be in (0, 1)")
         if not 0 <= self.warmup_ratio < 1:
@@ -462,7 +477,7 @@ class FastConfig:
 
 @dataclass(frozen=True)
 class Config:
-    out_dir: str = "runs/demo"
+    out_dir: str = "runs/default"
     """Run directory: every stage reads its inputs from here and writes its outputs here."""
     seed: int = 42
     """Seed for data order, dropout and sampling."""
@@ -488,6 +503,15 @@ class Config:
         if self.data.length_cue is not None and r is None:
             raise ConfigError("data.length_cue is set: rl.target_range=[min,max] must say "
                               "which lengths RL asks for")
+        if self.data.length_cue is None:
+            unused = [k for k, v in (("eval.targets", list(self.eval.targets)),
+                                     ("generate.target", self.generate.target),
+                                     ("rl.target_range", r)) if v]
+            if unused:
+                raise ConfigError(f"{unused[0]} is set but data.length_cue is not: it applies "
+                                  "only to length-conditioned prompts (set data.length_cue, "
+                                  f"e.g. 'TL;DR (about {{length}} characters):', or drop "
+                                  f"{unused[0]})")
         if self.data.length_cue is not None and self.reward.unit != "chars":
             raise ConfigError("data.length_cue asks for characters: use reward.unit=chars")
 
@@ -554,7 +578,32 @@ def resolve_config_path(path: str) -> Path:
                       f"{', '.join(bundled_configs())})")
 
 
+def _check_shapes(schema, other, where: str, prefix: str = "") -> None:
+    """Name a section given a plain value, or a list field given a scalar, before OmegaConf
+    reports it in its own terms."""
+    from omegaconf import DictConfig, ListConfig
+
+    if not isinstance(other, DictConfig):
+        return
+    for key in other.keys():
+        if key not in schema:
+            continue  # an unknown key: the merge names it
+        want, got = schema[key], other._get_node(key)
+        name = f"{prefix}{key}"
+        if isinstance(want, DictConfig):
+            if not isinstance(got, DictConfig):
+                raise ConfigError(f"{where}: '{name}' is a section: expected a mapping of "
+                                  f"{name}.* keys, got {OmegaConf.to_container(other)[key]!r}")
+            _check_shapes(want, got, where, f"{name}.")
+        elif isinstance(schema._get_node(key), ListConfig):
+            value = OmegaConf.to_container(other)[key]
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: '{name}' expects a list, e.g. {name}=[{value}], "
+                                  f"got {value!r}")
+
+
 def _merge(cfg, other, where: str):
+    _check_shapes(cfg, other, where)
     try:
         return OmegaConf.merge(cfg, other)
     except OmegaConfBaseException as e:
@@ -578,6 +627,14 @@ def write_config(cfg: Config, stage: Optional[str] = None) -> Path:
         from posttrain.io import atomic_write_json
         atomic_write_json(cfg.run_dir / stage / "environment.json", environment())
     return path
+
+
+def record_config(cfg: Config, stage: str) -> None:
+    """Write the stage's config and environment (write_config) unless already there: called
+    when a stage writes its first checkpoint or output, so a start that fails before making
+    anything leaves nothing that would refuse the corrected command."""
+    if not (cfg.run_dir / stage / "config.yaml").is_file():
+        write_config(cfg, stage)
 
 
 def environment() -> dict:

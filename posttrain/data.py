@@ -59,6 +59,8 @@ def _load_dataset(source: str, split: str):
             raise DataError(f"{source}: file is empty")
         if path.suffix.lower() != ".parquet":
             _check_utf8(path)
+            if not path.read_bytes().strip():
+                raise DataError(f"{source}: has no rows (the file holds only blank lines)")
         try:
             return datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()],
                                          data_files=str(path), split="train")
@@ -74,6 +76,15 @@ def _load_dataset(source: str, split: str):
     except Exception as e:
         raise DataError(f"{source}: could not load Hub dataset split {split!r} "
                         f"({type(e).__name__}: {e})") from e
+
+
+def _row_lines(source: str) -> list[int]:
+    """For a .jsonl file, the line number (from 1) of each row; [] for other sources."""
+    path = Path(source)
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        return []
+    with open(path, "rb") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
 
 
 def _check_utf8(path: Path) -> None:
@@ -98,12 +109,17 @@ def load_rows(source: str, split: str, cfg: DataConfig) -> list[dict]:
     if len(ds) == 0:
         raise DataError(f"{where}: has no rows")
     rows, empty = [], 0
+    lines = _row_lines(source)
     for i, (p, c) in enumerate(zip(ds[cfg.prompt_field], ds[cfg.completion_field])):
+        at = f"line {lines[i]}" if lines else f"row {i + 1}"  # both count from 1
         if not isinstance(p, str) or not p.strip():
-            raise DataError(f"{where}: row {i}: empty or non-text {cfg.prompt_field!r}")
-        if not isinstance(c, str) or not c.strip():
-            if cfg.empty_completions == "error" or not isinstance(c, str):
-                raise DataError(f"{where}: row {i}: empty or non-text {cfg.completion_field!r} "
+            raise DataError(f"{where}: {at}: empty or non-text {cfg.prompt_field!r}")
+        if c is not None and not isinstance(c, str):
+            raise DataError(f"{where}: {at}: {cfg.completion_field!r} is "
+                            f"{type(c).__name__} {c!r}, expected text")
+        if c is None or not c.strip():
+            if cfg.empty_completions == "error":
+                raise DataError(f"{where}: {at}: empty {cfg.completion_field!r} "
                                 "(set data.empty_completions=drop to skip such rows)")
             empty += 1
             continue

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import modeling, objectives as O, rewards
-from posttrain.config import Config, ConfigError, write_config
+from posttrain.config import Config, ConfigError, record_config
 from posttrain.data import round_length
 from posttrain.generate import cue_prompts, heldout_rows, sample_records
 from posttrain.io import atomic_write_json, atomic_write_text
@@ -121,8 +121,9 @@ def subreddit(prompt: str) -> str:
 
 def _policy_context(model, name: str, has_rl: bool):
     """The context under which `model` is the named policy."""
-    if name == "base":
-        return model.disable_adapter()
+    if name == "base":  # eval.models=[base] alone loads the bare model: no adapter to disable
+        return model.disable_adapter() if hasattr(model, "disable_adapter") else \
+            contextlib.nullcontext()
     if name == "sft" and has_rl:
         return modeling.sft_only(model)
     return contextlib.nullcontext()
@@ -188,7 +189,6 @@ def run(cfg: Config) -> dict:
     if (out / "report.json").is_file():
         print(f"eval: already finished in {out} (delete it to evaluate again)")
         return json.loads((out / "report.json").read_text())
-    write_config(cfg, "eval")
     device = modeling.resolve_device(cfg.model)
     dtype = modeling.compute_dtype(cfg.model, device)
     sft_dir = cfg.run_dir / "sft" / "adapter"
@@ -207,7 +207,6 @@ def run(cfg: Config) -> dict:
     #    with length-conditioned prompts, at every requested length)
     targets = eval_targets(cfg)
     parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
     batches = list(range(0, len(ids), bs))
     bar = tqdm(total=len(batches) * len(e.models) * len(targets), desc="eval", unit="batch")
     kl, all_recs = {}, []
@@ -228,6 +227,7 @@ def run(cfg: Config) -> dict:
                                                e.top_p, want)
                         for r in batch:
                             r["group"] += s
+                        record_config(cfg, "eval")  # with the first output, not before
                         atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in batch))
                     recs += [json.loads(line) for line in part.read_text().splitlines()]
                     bar.update(1)
@@ -279,6 +279,7 @@ def finish(cfg: Config, rows: list[dict], recs: list[dict], kl: dict) -> dict:
               **compare(models, samples, e.bootstrap, cfg.seed)}
     if None not in targets:  # length-conditioned: the pooled spread mixes requests
         report["by_target"] = by_target(samples)
+    record_config(cfg, "eval")
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     atomic_write_text(out / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
     atomic_write_text(out / "report.md", report_markdown(report))

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import modeling, sampling
-from posttrain.config import Config, write_config
+from posttrain.config import Config, record_config
 from posttrain.data import DataError, fit_prompt, load_rows, round_length, with_length_cue
 from posttrain.io import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -137,7 +137,6 @@ def run(cfg: Config) -> dict:
         print(f"generate: already finished in {out} (delete it to generate again)")
         return json.loads((out / "stats.json").read_text())
     g = cfg.generate
-    write_config(cfg, "generate")
     device = modeling.resolve_device(cfg.model)
     dtype = modeling.compute_dtype(cfg.model, device)
     tokenizer = modeling.load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter")
@@ -161,7 +160,6 @@ def run(cfg: Config) -> dict:
         draws = sorted(draws, key=lambda i: len(prompts[i]))
     batches = [draws[i:i + g.batch_size] for i in range(0, len(draws), g.batch_size)]
     parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
     t0, new_tokens = time.perf_counter(), 0
     bar = tqdm(batches, desc="generate", unit="batch")
     # vLLM samples; our unmerged SFT policy scores its samples (the exact training forward)
@@ -188,6 +186,7 @@ def run(cfg: Config) -> dict:
                                          g.temperature, g.top_p, targets)
             for r in records:  # group ids run over the whole set: one per prompt draw
                 r["group"] += b * g.batch_size
+            record_config(cfg, "generate")  # with the first output, not before
             atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in records))
             new_tokens += sum(len(r["completion_ids"]) for r in records)
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
@@ -205,6 +204,7 @@ def run(cfg: Config) -> dict:
                  samples_per_prompt=g.samples_per_prompt, distinct_prompts=len(set(draws)),
                  seconds=round(time.perf_counter() - t0, 1),
                  new_tokens_per_s=round(new_tokens / max(time.perf_counter() - t0, 1e-9), 1))
+    record_config(cfg, "generate")
     _save(records, stats, out, g.push_to_hub)
     shutil.rmtree(parts, ignore_errors=True)
     lc = stats["length_chars"]

@@ -9,6 +9,55 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+class InputFileError(ValueError):
+    """A file a stage reads is missing or malformed; the message names it (and the line)."""
+
+
+def read_jsonl(path: Path, required: tuple = (), hint: str = "") -> list[dict]:
+    """The JSON objects of a .jsonl file, one per non-blank line; a bad line, or one that
+    lacks a `required` key, raises InputFileError naming the file and line (from 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path}: missing{'; ' + hint if hint else ''}")
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InputFileError(f"{path}: not valid UTF-8 ({e.reason}){'; ' + hint if hint else ''}")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputFileError(f"{path}: line {n} is not valid JSON ({e.msg})"
+                                 f"{'; ' + hint if hint else ''}") from None
+        if not isinstance(row, dict):
+            raise InputFileError(f"{path}: line {n}: expected a JSON object, got "
+                                 f"{type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise InputFileError(f"{path}: line {n}: missing key(s) {missing}"
+                                 f"{'; ' + hint if hint else ''}")
+        rows.append(row)
+    return rows
+
+
+def read_json(path: Path, hint: str = "") -> dict:
+    """A JSON object from `path`; malformed: InputFileError naming the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: missing{'; ' + hint if hint else ''}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputFileError(f"{path}: not valid JSON ({e}){'; ' + hint if hint else ''}") \
+            from None
+    if not isinstance(obj, dict):
+        raise InputFileError(f"{path}: expected a JSON object")
+    return obj
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`."""
     atomic_write_bytes(path, text.encode("utf-8"))

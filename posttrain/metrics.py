@@ -7,6 +7,8 @@ import math
 import time
 from pathlib import Path
 
+from posttrain.io import read_jsonl
+
 
 class MetricsLogger:
     """Append one JSON object per call to `<run_dir>/metrics.jsonl` (flushed every line)."""
@@ -61,5 +63,5 @@ def read_metrics(run_dir: Path, stage: str | None = None) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path)
     return [r for r in rows if stage is None or r.get("stage") == stage]

@@ -3,14 +3,19 @@
 A stage whose outputs exist is skipped when the config that made them (the copy in its
 folder) agrees with the current one on every section the stage reads; a stage cut short
 resumes from its last checkpoint. If a finished or started stage was made with a different
-config, the run stops and names the keys, unless `--force` is given: then that stage and
-every stage after it start again. Wall time per stage goes to `pipeline.json`.
+config, the run stops and names the keys, unless `--force` is given: then that stage is
+redone. A redo never deletes finished work first: it is built in a shadow run directory
+(`.redo-<stage>/`, the other stages' folders linked in) and swapped in when done; the later
+stages' outputs are then marked stale (`stale.json`) and redone in turn. Wall time per stage
+goes to `pipeline.json`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +23,8 @@ from omegaconf import OmegaConf
 
 from posttrain import evaluate, generate, plot, rl, sft, view
 from posttrain.config import Config, ConfigError, to_yaml
-from posttrain.io import atomic_write_json
+from posttrain.io import atomic_write_json, atomic_write_text, read_json
+from posttrain.metrics import read_metrics
 
 # stage -> (module, folder, the file that says it finished, config sections its outputs
 # depend on: its own and those of every stage before it)
@@ -38,6 +44,8 @@ STAGES = {
 SHARED = {"sft", "rl"}
 # settings that change how a stage runs, never what it produces
 IGNORED = {"checkpoint_every", "keep_checkpoints", "push_to_hub"}
+STALE = "stale.json"   # in the run directory: stages made from outputs redone since
+REDO = "redo.json"     # in the run directory: what a `run --force` has redone so far
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -67,39 +75,209 @@ def config_diff(cfg: Config, stage: str) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def stale(cfg: Config) -> dict:
+    """{stage: why} for stages whose outputs were made from an earlier stage's outputs that
+    have since been redone: they are never taken as finished."""
+    path = cfg.run_dir / STALE
+    return read_json(path) if path.is_file() else {}
+
+
+def _set_stale(cfg: Config, marks: dict) -> None:
+    path = cfg.run_dir / STALE
+    if marks:
+        atomic_write_json(path, marks)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _made(cfg: Config, stage: str) -> bool:
+    """The stage's folder holds anything (finished or not)."""
+    folder = cfg.run_dir / STAGES[stage][1]
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def stage_done(cfg: Config, stage: str) -> bool:
+    _, folder, marker, _ = STAGES[stage]
+    return (marker is not None and (cfg.run_dir / folder / marker).is_file()
+            and stage not in stale(cfg))
+
+
+def check_out_dir(cfg: Config) -> None:
+    """out_dir must be a folder this process can write, checked before any model loads."""
+    d = cfg.run_dir
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"out_dir={d} is a file; expected a folder (a run directory)")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"out_dir={d}: cannot write there ({e.strerror or e}); choose "
+                          "another out_dir") from None
+
+
+def _needs(cfg: Config, stage: str) -> list[str]:
+    """The earlier stages whose outputs `stage` reads."""
+    if stage == "generate":
+        return ["sft"]
+    if stage == "rl":
+        return ["sft"] + (["generate"] if cfg.rl.mode == "offline" else [])
+    if stage == "eval":
+        wanted = set(cfg.eval.models)
+        return (["sft"] if wanted & {"sft", "rl"} else []) + (["rl"] if "rl" in wanted else [])
+    return []
+
+
+WHAT = {"sft": "SFT adapter", "generate": "generated set", "rl": "RL adapter"}
+
+
 def guard_stage(cfg: Config, stage: str, force: bool = False) -> None:
-    """Before a stage run alone: refuse if the outputs it reads (earlier stages) or its own
-    were made with a different config. `force` redoes the stage itself (its folder is
-    removed); inputs made with another config are always refused."""
+    """Before a stage run alone (nothing is written): refuse if the outputs it reads are
+    missing, stale or made with a different config, or if its own were made with a different
+    config and `force` is not given."""
     if stage not in STAGES:
         return
     names = list(STAGES)
+    marks = stale(cfg)
     for earlier in names[:names.index(stage)]:
         diff = config_diff(cfg, earlier)
         if diff:
             raise ConfigError(
                 f"{cfg.run_dir / STAGES[earlier][1]} (the {earlier} stage's outputs, which "
                 f"{stage} reads) was made with a different config:\n  " + "\n  ".join(diff)
-                + f"\nredo {earlier} first (`posttrain {earlier} --force ...`), or use "
-                "another out_dir")
+                + f"\nredo {earlier} first (`posttrain {earlier} --force ...`; its outputs "
+                "are replaced only once the new ones are written), or use another out_dir")
+    for need in _needs(cfg, stage):
+        folder = cfg.run_dir / STAGES[need][1]
+        if need in marks:
+            raise ConfigError(f"{folder} (the {WHAT[need]}, which {stage} reads) is stale: "
+                              f"{marks[need]}; run `posttrain {need}` first")
+        if not stage_done(cfg, need):
+            raise ConfigError(f"no {WHAT[need]} in {folder}: run `posttrain {need}` first "
+                              "(with the same out_dir and config)")
     diff = config_diff(cfg, stage)
     if diff and not force:
         raise ConfigError(
             f"{cfg.run_dir / STAGES[stage][1]} was made with a different config:\n  "
-            + "\n  ".join(diff) + f"\nuse another out_dir, or --force to redo {stage}")
-    if diff:
-        print(f"{stage}: config changed ({len(diff)} key(s)); redoing it")
-        _reset(cfg, [stage])
+            + "\n  ".join(diff) + f"\nuse another out_dir, or --force to redo {stage} (the "
+            "old outputs stay until the new ones are written)")
 
 
-def stage_done(cfg: Config, stage: str) -> bool:
-    _, folder, marker, _ = STAGES[stage]
-    return marker is not None and (cfg.run_dir / folder / marker).is_file()
+def run_stage(cfg: Config, stage: str, force: bool = False):
+    """One stage alone (`posttrain <stage>`): check, then run it, resume it, redo it (forced,
+    stale or changed: built beside the old outputs and swapped in at the end) or report it
+    finished. generate and eval run on the main process only under `accelerate launch`."""
+    procs = _Processes(cfg)
+    if procs.main:
+        _recover(cfg)
+    procs.barrier()
+    guard_stage(cfg, stage, force)
+    module = STAGES[stage][0]
+    if STAGES[stage][2] is None:  # plot, view: they read finished outputs, write atomically
+        return module.run(cfg) if procs.main else None
+    result = None
+    if _made(cfg, stage) and (force or stage in stale(cfg) or config_diff(cfg, stage)):
+        result = _redo(cfg, stage, procs)
+    elif stage in SHARED or procs.main:
+        result = module.run(cfg)
+    procs.barrier()
+    if stage == "eval" and procs.main:
+        print(f"eval: report in {cfg.run_dir / 'eval' / 'report.md'}")
+    return result
 
 
-def _reset(cfg: Config, stages: list[str]) -> None:
-    for s in stages:
-        shutil.rmtree(cfg.run_dir / STAGES[s][1], ignore_errors=True)
+def _shadow(cfg: Config, stage: str) -> Path:
+    return cfg.run_dir / f".redo-{stage}"
+
+
+def _redo(cfg: Config, stage: str, procs: "_Processes"):
+    """Redo `stage` in a shadow run directory (the other stages' folders linked in), then swap
+    its folder in. A kill leaves the old outputs in place; the same command resumes the redo
+    from its checkpoints."""
+    shadow, folder = _shadow(cfg, stage), STAGES[stage][1]
+    if procs.main:
+        shadow_cfg = dataclasses.replace(cfg, out_dir=str(shadow))
+        if shadow.is_dir() and config_diff(shadow_cfg, stage):  # a redo of another config
+            print(f"{stage}: discarding the unfinished redo in {shadow} (another config)")
+            shutil.rmtree(shadow)
+        if shadow.is_dir() and _made(shadow_cfg, stage):
+            print(f"{stage}: resuming the redo in {shadow}; {cfg.run_dir / folder} stays "
+                  "until it is done")
+        else:
+            print(f"{stage}: redoing it in {shadow}; {cfg.run_dir / folder} stays until the "
+                  "new outputs are written")
+        shadow.mkdir(exist_ok=True)
+        for _, other, _, _ in STAGES.values():
+            link = shadow / other
+            if other != folder and (cfg.run_dir / other).exists() and not link.is_symlink():
+                link.symlink_to(Path("..") / other, target_is_directory=True)
+    procs.barrier()
+    result = None
+    shadow_cfg = dataclasses.replace(cfg, out_dir=str(shadow))
+    try:
+        if stage in SHARED or procs.main:
+            result = STAGES[stage][0].run(shadow_cfg)
+    except BaseException:
+        if procs.main and not _made(shadow_cfg, stage):  # nothing made: leave no trace
+            shutil.rmtree(shadow, ignore_errors=True)
+        raise
+    procs.barrier()
+    if procs.main:
+        _swap_in(cfg, stage)
+    procs.barrier()
+    return result
+
+
+def _swap_in(cfg: Config, stage: str) -> None:
+    """Move a finished redo from its shadow into the run directory. Each step can be
+    repeated, so `_recover` finishes a swap a kill interrupted."""
+    shadow, folder = _shadow(cfg, stage), STAGES[stage][1]
+    new, dest = shadow / folder, cfg.run_dir / folder
+    old = cfg.run_dir / f".{folder}.old"
+    # 1. the stage's rows in metrics.jsonl: the redo's replace the old ones
+    if (shadow / "metrics.jsonl").is_file():
+        rows = [r for r in read_metrics(cfg.run_dir) if r.get("stage") != stage]
+        rows += read_metrics(shadow, stage)
+        atomic_write_text(cfg.run_dir / "metrics.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in rows))
+    # 2. the config it was made with, under the real out_dir
+    if (new / "config.yaml").is_file():
+        stored = OmegaConf.load(new / "config.yaml")
+        stored.out_dir = str(cfg.run_dir)
+        atomic_write_text(new / "config.yaml", OmegaConf.to_yaml(stored))
+        atomic_write_text(cfg.run_dir / "config.yaml", OmegaConf.to_yaml(stored))
+    # 3. the folder: old aside, new in, old gone
+    if new.is_dir():
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    if (shadow / "tensorboard" / stage).is_dir():
+        shutil.rmtree(cfg.run_dir / "tensorboard" / stage, ignore_errors=True)
+        (cfg.run_dir / "tensorboard").mkdir(exist_ok=True)
+        os.replace(shadow / "tensorboard" / stage, cfg.run_dir / "tensorboard" / stage)
+    # 4. what later stages made from the old outputs is stale
+    names = list(STAGES)
+    marks = {k: v for k, v in stale(cfg).items() if k != stage}
+    for later in names[names.index(stage) + 1:]:
+        if STAGES[later][2] and _made(cfg, later):
+            marks.setdefault(later, f"made from the {stage} outputs that were redone since")
+    _set_stale(cfg, marks)
+    shutil.rmtree(shadow)
+    print(f"{stage}: the redo replaced {dest}"
+          + (f"; stale now: {', '.join(m for m in marks)}" if marks else ""))
+
+
+def _recover(cfg: Config) -> None:
+    """Finish what a kill interrupted: a swap half done, or a redo finished but not swapped."""
+    for stage, (_, folder, marker, _) in STAGES.items():
+        shadow, old, dest = _shadow(cfg, stage), cfg.run_dir / f".{folder}.old", cfg.run_dir / folder
+        if marker and (shadow / folder / marker).is_file():
+            _swap_in(cfg, stage)
+        elif old.exists() and not dest.exists():
+            os.replace(old, dest)
 
 
 class _Processes:
@@ -123,43 +301,74 @@ class _Processes:
 
 
 def run(cfg: Config, force: bool = False) -> dict:
-    """Run every stage not yet done; returns {stage: seconds or "skipped"}."""
+    """Run every stage not yet done; returns {stage: seconds or "skipped"}. A stage whose
+    outputs are stale or (with `force`) whose config changed is redone beside its old
+    outputs; `force` with no change redoes every stage. A forced run records what it has
+    redone in `redo.json`, so the same command after a kill goes on where it stopped."""
     procs = _Processes(cfg)
     names = list(STAGES)
+    if procs.main:
+        _recover(cfg)
+    procs.barrier()
+    forced = _forced_stages(cfg, force) if force else set()
     timing_file = cfg.run_dir / "pipeline.json"
-    timings = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-    for i, stage in enumerate(names):
+    timings = read_json(timing_file) if timing_file.is_file() else {}
+    for stage in names:
         diff = config_diff(cfg, stage)
-        if diff:
-            if not force:
-                raise ConfigError(
-                    f"{cfg.run_dir / STAGES[stage][1]} was made with a different config:\n  "
-                    + "\n  ".join(diff) + "\nuse another out_dir, or --force to redo "
-                    f"{stage} and every stage after it")
-            print(f"run: config changed for {stage} ({len(diff)} key(s)); redoing it and "
-                  "every stage after it")
-            if procs.main:
-                _reset(cfg, names[i:])
-            procs.barrier()
-            for s in names[i:]:
-                timings.pop(s, None)
+        if diff and not force:
+            raise ConfigError(
+                f"{cfg.run_dir / STAGES[stage][1]} was made with a different config:\n  "
+                + "\n  ".join(diff) + "\nuse another out_dir, or --force to redo "
+                f"{stage} and every stage after it (old outputs stay until replaced)")
         if stage == "generate" and cfg.rl.mode == "online":
             print("run: generate not needed (rl.mode=online samples its own rounds)")
             continue
-        if stage_done(cfg, stage):
+        redo = _made(cfg, stage) and (stage in forced or stage in stale(cfg) or bool(diff))
+        if not redo and stage_done(cfg, stage):
             print(f"run: {stage} already done, skipping")
             continue
-        print(f"run: {stage}")
+        print(f"run: {stage}" + (" (redo)" if redo else ""))
         t0 = time.perf_counter()
-        if stage in SHARED or procs.main:
+        if redo:
+            _redo(cfg, stage, procs)
+        elif stage in SHARED or procs.main:
             STAGES[stage][0].run(cfg)
         procs.barrier()
         timings[stage] = round(time.perf_counter() - t0, 1)
         if procs.main:
             atomic_write_json(timing_file, timings)
+            if force:
+                _served(cfg, stage)
     if procs.main:
+        (cfg.run_dir / REDO).unlink(missing_ok=True)
         _print_figures(cfg, timings)
     return timings
+
+
+def _forced_stages(cfg: Config, force: bool) -> set:
+    """The stages `run --force` redoes: from the first whose config changed (every stage
+    when none did), less those this same forced run already redid before a kill."""
+    names = [s for s in STAGES if STAGES[s][2]]
+    changed = [s for s in names if config_diff(cfg, s)]
+    wanted = set(names[names.index(changed[0]):] if changed else names)
+    record = cfg.run_dir / REDO
+    text = to_yaml(dataclasses.replace(cfg, out_dir="."))
+    done = []
+    if record.is_file():
+        old = read_json(record)
+        if old.get("config") == text:
+            done = old.get("served", [])
+    if _Processes(cfg).main:
+        atomic_write_json(record, {"config": text, "served": done})
+    return wanted - set(done)
+
+
+def _served(cfg: Config, stage: str) -> None:
+    record = cfg.run_dir / REDO
+    if record.is_file():
+        rec = read_json(record)
+        rec["served"] = sorted(set(rec.get("served", [])) | {stage})
+        atomic_write_json(record, rec)
 
 
 def _print_figures(cfg: Config, timings: dict) -> None:

@@ -13,13 +13,12 @@ A figure whose inputs are missing is skipped with a message.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
 from posttrain.config import Config
-from posttrain.io import atomic_write_bytes
+from posttrain.io import InputFileError, atomic_write_bytes, read_jsonl
 from posttrain.metrics import read_metrics
 
 COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "rl": "#d62728"}
@@ -151,7 +150,8 @@ def run(cfg: Config) -> list[Path]:
     paths = []
     samples_file = cfg.run_dir / "eval" / "samples.jsonl"
     if samples_file.is_file():
-        samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line]
+        samples = read_jsonl(samples_file, ("model", "length_chars"),
+                             "run `posttrain eval` (again) first")
         paths += length_figures(samples, out)
         if samples and all(s.get("target") is not None for s in samples):
             paths.append(control_figure(samples, out))
@@ -159,7 +159,9 @@ def run(cfg: Config) -> list[Path]:
         print(f"plot: no {samples_file} (run `posttrain eval`); skipping the length figures")
     paths += training_figures(cfg.run_dir, out)
     if not paths:
-        print(f"plot: nothing to plot in {cfg.run_dir}")
+        raise InputFileError(f"plot: nothing to plot in {cfg.run_dir}: it has neither "
+                             "eval/samples.jsonl nor training metrics (metrics.jsonl); run "
+                             "`posttrain eval` or a training stage first")
     for p in paths:
         print(f"plot: wrote {p}")
     return paths

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import checkpoint, modeling, objectives as O, rewards
-from posttrain.config import Config, write_config
+from posttrain.config import Config, record_config
 from posttrain.data import Example, collate
 from posttrain.generate import load_set, prompt_pool, sample_records
 from posttrain.io import atomic_write_json
@@ -370,6 +370,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.acc.is_main_process:
+            record_config(self.cfg, "rl")
             checkpoint.save(self.ckpt_dir, self.step, self.acc.unwrap_model(self.model),
                             self.optimizer, self.scheduler, self.extra,
                             keep=self.cfg.rl.keep_checkpoints, adapter=modeling.RL)
@@ -385,6 +386,7 @@ class Trainer:
                    "kl_target": self.kl_target, "eval_before": before, "eval_after": after,
                    **summary}
         if self.acc.is_main_process:
+            record_config(self.cfg, "rl")
             modeling.save_adapter(self.acc.unwrap_model(self.model), self.tokenizer,
                                   self.out / "adapter", modeling.RL)
             atomic_write_json(self.out / "summary.json", summary)
@@ -402,7 +404,6 @@ def run(cfg: Config) -> dict:
     if (out / "summary.json").is_file() and (out / "adapter").is_dir():
         print(f"rl: already finished in {out} (delete it to train again)")
         return json.loads((out / "summary.json").read_text())
-    write_config(cfg, "rl")
     torch.manual_seed(cfg.seed)
     acc, dtype = setup_accelerator(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter"))

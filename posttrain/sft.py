@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from posttrain import checkpoint, modeling
-from posttrain.config import Config, write_config
+from posttrain.config import Config, record_config
 from posttrain.data import (Example, collate, cue_rows, length_grouped_batches, load_rows,
                             tokenize_rows)
 from posttrain.io import atomic_write_json
@@ -168,7 +168,6 @@ def run(cfg: Config) -> dict:
         print(f"sft: already finished in {out} (delete it to train again)")
         return json.loads((out / "summary.json").read_text())
     rows = load_split_rows(cfg)
-    write_config(cfg, "sft")
     torch.manual_seed(cfg.seed)
     acc, dtype = setup_accelerator(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model)
@@ -245,6 +244,7 @@ def run(cfg: Config) -> dict:
         bar.update(1)
         if cfg.sft.checkpoint_every and step % cfg.sft.checkpoint_every == 0 and step < total_steps:
             if acc.is_main_process:
+                record_config(cfg, "sft")
                 checkpoint.save(ckpt_dir, step, acc.unwrap_model(model), optimizer, scheduler,
                                 extra, keep=cfg.sft.keep_checkpoints)
             acc.wait_for_everyone()
@@ -263,6 +263,7 @@ def run(cfg: Config) -> dict:
         "processes": acc.num_processes,
     }
     if acc.is_main_process:
+        record_config(cfg, "sft")
         modeling.save_adapter(acc.unwrap_model(model), tokenizer, out / "adapter")
         atomic_write_json(out / "summary.json", summary)
         shutil.rmtree(ckpt_dir, ignore_errors=True)

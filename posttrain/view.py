@@ -18,8 +18,7 @@ import json
 from pathlib import Path
 
 from posttrain.config import Config
-from posttrain.data import DataError
-from posttrain.io import atomic_write_text
+from posttrain.io import atomic_write_text, read_json, read_jsonl
 
 
 def safe_json(obj) -> str:
@@ -44,17 +43,13 @@ def render(data: dict) -> str:
     return TEMPLATE.replace("__DATA__", safe_json(data))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run `posttrain eval` first")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
 def run(cfg: Config) -> Path:
     """Write view/index.html from the eval outputs; returns its path."""
     ev = cfg.run_dir / "eval"
-    prompts, samples = _read_jsonl(ev / "prompts.jsonl"), _read_jsonl(ev / "samples.jsonl")
-    report = json.loads((ev / "report.json").read_text()) if (ev / "report.json").is_file() else {}
+    hint = "run `posttrain eval` (again) first"
+    prompts = read_jsonl(ev / "prompts.jsonl", ("prompt_index", "prompt"), hint)
+    samples = read_jsonl(ev / "samples.jsonl", ("model", "prompt_index", "completion"), hint)
+    report = read_json(ev / "report.json", hint) if (ev / "report.json").is_file() else {}
     out = cfg.run_dir / "view" / "index.html"
     atomic_write_text(out, render(page_data(prompts, samples, report, str(cfg.run_dir))))
     print(f"view: wrote {out} ({len(prompts)} prompts); open it in a browser")

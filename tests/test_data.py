@@ -58,7 +58,7 @@ def test_bad_files_name_the_file_and_problem(tmp_path, rows):
         load_rows(str(tmp_path / "cols.jsonl"), "train", CFG)
     bad = rows[:3] + [{"prompt": "p", "completion": "   "}]
     write_jsonl(tmp_path / "blank.jsonl", bad)
-    with pytest.raises(DataError, match=r"blank.jsonl: row 3: empty"):
+    with pytest.raises(DataError, match=r"blank.jsonl: line 4: empty"):
         load_rows(str(tmp_path / "blank.jsonl"), "train", CFG)
     assert load_rows(str(tmp_path / "blank.jsonl"), "train",
                      DataConfig(empty_completions="drop")) == rows[:3]

@@ -29,6 +29,11 @@ ROBUST = ("data.max_train_rows=24", "sft.batch_size=2", "sft.max_steps=0", "sft.
 MODULES = {"sft": sft, "generate": generate, "rl": rl, "eval": evaluate}
 
 
+def _cli(stage, *args):
+    """The real CLI on the dataclass defaults (the seed's offline method), not the demo."""
+    return [sys.executable, "-m", "posttrain", stage, "--config", "defaults", *args]
+
+
 def _args(tiny_args, model_dir, out):
     return tiny_args(model_dir, out, *ROBUST)
 
@@ -64,7 +69,7 @@ def test_kill_9_mid_stage_then_resume_gives_the_uninterrupted_result(
     for earlier in names[:names.index(stage)]:          # the inputs, as the reference made them
         shutil.copytree(reference.run_dir / earlier, out / earlier)
     args = _args(tiny_args, tiny_model_dir, out)
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain", stage, *args],
+    proc = subprocess.Popen(_cli(stage, *args),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # a random point past the first checkpoint (or finished batch), well before the end
     at = random.Random(stage).randint(1, 4)
@@ -135,17 +140,17 @@ def test_stage_alone_refuses_inputs_or_outputs_made_with_another_config(referenc
     args = _args(tiny_args, tiny_model_dir, out)
     before = (out / "rl" / "adapter" / "adapter_model.safetensors").read_bytes()
     # the RL stage's inputs (the SFT adapter) were made with another LoRA rank
-    r = subprocess.run([sys.executable, "-m", "posttrain", "rl", *args, "lora.rank=8"],
+    r = subprocess.run(_cli("rl", *args, "lora.rank=8"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert "sft" in r.stderr and "lora.rank: 4" in r.stderr and "8 now" in r.stderr
     # its own outputs were made with another learning rate: refused, then redone with --force
-    r = subprocess.run([sys.executable, "-m", "posttrain", "rl", *args, "rl.max_lr=0.02"],
+    r = subprocess.run(_cli("rl", *args, "rl.max_lr=0.02"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "rl.max_lr" in r.stderr and "--force" in r.stderr
     assert (out / "rl" / "adapter" / "adapter_model.safetensors").read_bytes() == before
-    r = subprocess.run([sys.executable, "-m", "posttrain", "rl", "--force", *args,
-                        "rl.max_lr=0.02"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cli("rl", "--force", *args, "rl.max_lr=0.02"), capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "rl" / "adapter" / "adapter_model.safetensors").read_bytes() != before
     # the evaluation on disk was made from the old RL adapter: now refused in turn
