@@ -117,6 +117,7 @@ def main(argv=None) -> int:
             return 0
         from posttrain import pipeline
         pipeline.check_out_dir(cfg)
+        pipeline.check_hub_sources(cfg, args.stage)
         if args.stage == "run":
             pipeline.run(cfg, force=args.force)
         else:

@@ -117,6 +117,30 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return str(embedded_model_dir()) if cfg.name == EMBEDDED else cfg.name
 
 
+def check_hub(key: str, name: str, timeout: float = 3.0) -> None:
+    """Fail fast, before anything loads, when `name` (the value of config key `key`) is a
+    Hub id and the Hub cannot be reached: the libraries would retry for about a minute.
+    Skipped for local paths, the embedded model and under HF_HUB_OFFLINE=1 (the cache)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if name == EMBEDDED or Path(name).expanduser().exists():
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise ModelError(
+            f"{key}={name!r} is not a local path, and the Hugging Face Hub ({endpoint}) cannot "
+            f"be reached ({e.strerror or e}). If it is already in your Hugging Face cache, set "
+            "HF_HUB_OFFLINE=1 to load it from there; otherwise check the network, or give a "
+            "local folder") from None
+
+
 # ---------------------------------------------------------------- loading
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):

@@ -23,8 +23,10 @@ from omegaconf import OmegaConf
 
 from posttrain import evaluate, generate, plot, rl, sft, view
 from posttrain.config import Config, ConfigError, to_yaml
+from posttrain.data import FILE_BUILDERS
 from posttrain.io import atomic_write_json, atomic_write_text, read_json
 from posttrain.metrics import read_metrics
+from posttrain.modeling import check_hub
 
 # stage -> (module, folder, the file that says it finished, config sections its outputs
 # depend on: its own and those of every stage before it)
@@ -117,6 +119,18 @@ def check_out_dir(cfg: Config) -> None:
                           "another out_dir") from None
 
 
+def check_hub_sources(cfg: Config, stage: str) -> None:
+    """The Hub ids a stage would download from must be reachable (else fail in seconds)."""
+    if stage in ("plot", "view"):
+        return
+    check_hub("model.name", cfg.model.name)
+    sources = {"data.train": cfg.data.train, "data.eval": cfg.data.eval,
+               "generate.prompts": cfg.generate.prompts, "eval.prompts": cfg.eval.prompts}
+    for key, source in sources.items():
+        if source and source != "sample" and Path(source).suffix.lower() not in FILE_BUILDERS:
+            check_hub(key, source)
+
+
 def _needs(cfg: Config, stage: str) -> list[str]:
     """The earlier stages whose outputs `stage` reads."""
     if stage == "generate":
@@ -136,12 +150,17 @@ def guard_stage(cfg: Config, stage: str, force: bool = False) -> None:
     """Before a stage run alone (nothing is written): refuse if the outputs it reads are
     missing, stale or made with a different config, or if its own were made with a different
     config and `force` is not given."""
-    if stage not in STAGES:
+    if STAGES[stage][2] is None:  # plot, view: they read what is on disk, whatever made it
         return
     names = list(STAGES)
     marks = stale(cfg)
+    for need in _needs(cfg, stage):
+        folder = cfg.run_dir / STAGES[need][1]
+        if need in marks:
+            raise ConfigError(f"{folder} (the {WHAT[need]}, which {stage} reads) is stale: "
+                              f"{marks[need]}; run `posttrain {need}` first")
     for earlier in names[:names.index(stage)]:
-        diff = config_diff(cfg, earlier)
+        diff = config_diff(cfg, earlier) if earlier not in marks else []
         if diff:
             raise ConfigError(
                 f"{cfg.run_dir / STAGES[earlier][1]} (the {earlier} stage's outputs, which "
@@ -149,14 +168,10 @@ def guard_stage(cfg: Config, stage: str, force: bool = False) -> None:
                 + f"\nredo {earlier} first (`posttrain {earlier} --force ...`; its outputs "
                 "are replaced only once the new ones are written), or use another out_dir")
     for need in _needs(cfg, stage):
-        folder = cfg.run_dir / STAGES[need][1]
-        if need in marks:
-            raise ConfigError(f"{folder} (the {WHAT[need]}, which {stage} reads) is stale: "
-                              f"{marks[need]}; run `posttrain {need}` first")
         if not stage_done(cfg, need):
-            raise ConfigError(f"no {WHAT[need]} in {folder}: run `posttrain {need}` first "
-                              "(with the same out_dir and config)")
-    diff = config_diff(cfg, stage)
+            raise ConfigError(f"no {WHAT[need]} in {cfg.run_dir / STAGES[need][1]}: run "
+                              f"`posttrain {need}` first (with the same out_dir and config)")
+    diff = config_diff(cfg, stage) if stage not in marks else []  # stale: redone anyway
     if diff and not force:
         raise ConfigError(
             f"{cfg.run_dir / STAGES[stage][1]} was made with a different config:\n  "
@@ -315,7 +330,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     timings = read_json(timing_file) if timing_file.is_file() else {}
     for stage in names:
         diff = config_diff(cfg, stage)
-        if diff and not force:
+        if diff and not force and stage not in stale(cfg):  # stale: redone anyway
             raise ConfigError(
                 f"{cfg.run_dir / STAGES[stage][1]} was made with a different config:\n  "
                 + "\n  ".join(diff) + "\nuse another out_dir, or --force to redo "

@@ -73,3 +73,15 @@ def test_a_nan_on_one_process_stops_both(tiny_model_dir, tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("non-finite loss at step") >= 2, done.stderr[-3000:]
     assert not (tmp_path / "run" / "sft" / "adapter").exists()
+
+
+def test_a_bad_key_under_accelerate_launch_is_reported_once(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "posttrain", "sft", f"out_dir={tmp_path}", "sft.nope=1"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    # once from the main process (the launcher's own report of the exit may follow)
+    assert (r.stdout + r.stderr).count("unknown config key 'sft.nope'") == 1, r.stderr[-3000:]

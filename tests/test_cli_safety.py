@@ -1,0 +1,318 @@
+"""The CLI over a corpus of bad inputs and command sequences: each bad input exits non-zero
+with one message naming the key, file or stage and no traceback; each sequence ends with the
+intended command succeeding; no file that existed before a command changes until its
+complete replacement is written, and a kill -9 during a forced redo loses nothing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from posttrain import __version__, cli, pipeline
+from posttrain.config import load_config
+
+# enough SFT steps (one checkpoint each) to kill a redo in the middle
+SMALL = ("data.max_train_rows=24", "sft.batch_size=2", "sft.max_steps=0",
+         "sft.checkpoint_every=1", "eval.batch_size=1")
+
+
+def _cli(*args, env=None, timeout=300):
+    """The real CLI in its own process, on the dataclass defaults (not the demo)."""
+    stage, rest = args[0], args[1:]
+    return subprocess.run([sys.executable, "-m", "posttrain", stage, "--config", "defaults",
+                           *rest], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error(r, *needles):
+    """Exit 2, no traceback, and an error line that names every needle."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-1000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if ": error:" in line]
+    assert len(errors) == 1, r.stderr[-2000:]
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr[-2000:])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir, tiny_args):
+    """A finished tiny run (offline RL, so every stage has outputs)."""
+    out = tmp_path_factory.mktemp("safety") / "run"
+    cfg = load_config(None, tiny_args(tiny_model_dir, out, *SMALL))
+    pipeline.run(cfg)
+    return out
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out, symlinks=True)
+    return out
+
+
+@pytest.fixture
+def args(tiny_model_dir, tiny_args):
+    def make(out, *extra):
+        return tiny_args(tiny_model_dir, out, *SMALL, *extra)
+    return make
+
+
+# ---------------------------------------------------------------- bad inputs, in process
+
+def _bad_files(tmp: Path) -> dict:
+    (tmp / "blank.jsonl").write_text("\n\n  \n")
+    rows = [{"prompt": f"post {i}\n\nTL;DR:", "completion": f" s{i}."} for i in range(3)]
+    (tmp / "num.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows)
+                                   + json.dumps({"prompt": "p", "completion": 5}) + "\n")
+    (tmp / "empty4.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows)
+                                      + "\n" + json.dumps({"prompt": "p", "completion": " "}))
+    (tmp / "section.yaml").write_text("sft: 5\n")
+    (tmp / "a_file").write_text("not a folder")
+
+
+BAD = [  # (id, command line after the stage, the words the message must hold)
+    ("negative max_lr", ["sft", "sft.max_lr=-1"], ["sft.max_lr=-1.0 must be > 0"]),
+    ("zero max_train_rows", ["sft", "data.max_train_rows=0"], ["data.max_train_rows=0"]),
+    ("zero max_eval_rows", ["eval", "data.max_eval_rows=0"], ["data.max_eval_rows=0"]),
+    ("zero lora alpha", ["sft", "lora.alpha=0"], ["lora.alpha=0 must be > 0"]),
+    ("negative weight decay", ["sft", "sft.weight_decay=-0.1"], ["sft.weight_decay"]),
+    ("negative grad norm", ["rl", "rl.max_grad_norm=-1"], ["rl.max_grad_norm"]),
+    ("section given a number", ["sft", "--config", "{tmp}/section.yaml"],
+     ["section.yaml", "'sft' is a section"]),
+    ("section override", ["sft", "sft=5"], ["'sft' is a section"]),
+    ("list given a number", ["eval", "eval.targets=80"], ["'eval.targets' expects a list",
+                                                          "eval.targets=[80]"]),
+    ("targets without a cue", ["eval", "eval.targets=[80]"], ["eval.targets", "data.length_cue"]),
+    ("generate.target without a cue", ["generate", "generate.target=100"],
+     ["generate.target", "data.length_cue"]),
+    ("target_range without a cue", ["rl", "rl.target_range=[50,100]"],
+     ["rl.target_range", "data.length_cue"]),
+    ("unknown key", ["sft", "sft.learning_rate=1"], ["sft.learning_rate"]),
+    ("blank-line jsonl", ["sft", "data.train={tmp}/blank.jsonl"],
+     ["blank.jsonl", "only blank lines"]),
+    ("row numbers count from 1", ["sft", "data.train={tmp}/empty4.jsonl"],
+     ["empty4.jsonl: line 5: empty 'completion'", "data.empty_completions=drop"]),
+    ("non-text completion", ["sft", "data.train={tmp}/num.jsonl", "data.empty_completions=drop"],
+     ["num.jsonl: line 4", "int 5, expected text"]),
+    ("out_dir is a file", ["sft", "out_dir={tmp}/a_file"], ["out_dir=", "is a file"]),
+    ("rl before sft", ["rl", "out_dir={tmp}/empty"], ["no SFT adapter", "posttrain sft"]),
+    ("eval before rl", ["eval", "out_dir={tmp}/empty"], ["no SFT adapter"]),
+    ("plot with nothing", ["plot", "out_dir={tmp}/empty"], ["nothing to plot"]),
+    ("view with nothing", ["view", "out_dir={tmp}/empty"], ["prompts.jsonl: missing"]),
+]
+
+
+@pytest.mark.parametrize("name,argv,needles", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_clear_error(name, argv, needles, tmp_path, tiny_model_dir, capsys):
+    _bad_files(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    stage, rest = argv[0], argv[1:]
+    if "--config" not in rest:
+        rest = ["--config", "defaults", *rest]
+    base = [f"model.name={tiny_model_dir}", f"out_dir={tmp_path / 'run'}"]
+    rc = cli.main([stage, *base, *rest])   # an unexpected exception would fail the test here
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len([line for line in err.splitlines() if ": error:" in line]) == 1, err
+    for n in needles:
+        assert n.replace("{tmp}", str(tmp_path)) in err, (n, err)
+    if "data.empty_completions=drop" in argv:   # no advice to set what is already set
+        assert "set data.empty_completions=drop" not in err
+
+
+def test_unwritable_out_dir_is_one_clear_error(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    def denied(*a, **k):  # tests run as root, where a read-only folder is still writable
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    rc = cli.main(["sft", "--config", "defaults", f"model.name={tiny_model_dir}",
+                   f"out_dir={tmp_path / 'ro'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write there (Permission denied)" in err and "ro" in err
+
+
+def test_corrupt_eval_files_in_plot_and_view(run_copy, capsys):
+    before = _snapshot(run_copy / "sft")
+    good = {"model": "sft", "prompt_index": 0, "completion": "a.", "length_chars": 2}
+    (run_copy / "eval" / "samples.jsonl").write_text(json.dumps(good) + "\n{oops\n")
+    for stage in ("plot", "view"):
+        rc = cli.main([stage, "--config", "defaults", f"out_dir={run_copy}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "samples.jsonl: line 2 is not valid JSON" in err, err
+    (run_copy / "eval" / "samples.jsonl").write_text('{"model": "sft"}\n')
+    rc = cli.main(["plot", "--config", "defaults", f"out_dir={run_copy}"])
+    assert rc == 2 and "line 1: missing key(s) ['length_chars']" in capsys.readouterr().err
+    assert _snapshot(run_copy / "sft") == before
+
+
+def test_a_bad_key_is_reported_by_the_main_process_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")   # what `accelerate launch` sets in the second process
+    assert cli.main(["sft", "sft.nope=1", f"out_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["sft", "sft.nope=1", f"out_dir={tmp_path}"]) == 2
+    assert "unknown config key 'sft.nope'" in capsys.readouterr().err
+
+
+def test_unreachable_hub_fails_fast_naming_the_offline_switch(tmp_path):
+    env = {**__import__("os").environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # a closed port
+    env.pop("HF_HUB_OFFLINE", None)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "posttrain", "sft", "model.name=someorg/some-model",
+                        f"out_dir={tmp_path}"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    _one_error(r, "model.name='someorg/some-model'", "HF_HUB_OFFLINE=1", "127.0.0.1:9")
+    assert time.perf_counter() - t0 < 40   # not the ~50 s of retries
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- conventions
+
+def test_version_print_config_and_launch_files(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"posttrain {__version__}"
+    # overrides on both sides of --config; the file's own values under them
+    assert cli.main(["rl", "rl.beta=0.5", "--config", "demo", "--print-config",
+                     "out_dir=runs/x"]) == 0
+    text = capsys.readouterr().out
+    assert "out_dir: runs/x" in text and "beta: 0.5" in text and "mode: online" in text
+    # a bare stage means the demo, as a bare `posttrain run` does
+    assert cli.main(["rl", "--print-config"]) == 0
+    bare = capsys.readouterr().out
+    assert cli.main(["run", "--print-config"]) == 0
+    assert capsys.readouterr().out == bare and "out_dir: runs/demo" in bare
+    assert cli.main(["rl", "--config", "defaults", "--print-config"]) == 0
+    assert "advantage: seed" in capsys.readouterr().out    # the seed's method
+    for name in cli.LAUNCH_FILES:
+        assert cli.main(["accelerate-config", name]) == 0
+        path = Path(capsys.readouterr().out.strip())
+        assert path.is_file() and path.name == f"{name}.yaml"
+
+
+def test_eval_of_the_base_model_alone_and_its_report_path(tmp_path, args):
+    out = tmp_path / "run"
+    r = _cli("eval", *args(out, "eval.models=[base]"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"eval: report in {out / 'eval' / 'report.md'}" in r.stdout
+    assert set(json.loads((out / "eval" / "report.json").read_text())["models"]) == {"base"}
+
+
+# ---------------------------------------------------------------- command sequences
+
+def test_forced_redo_with_bad_data_loses_nothing_then_redoes(run_copy, args, tmp_path):
+    before = _snapshot(run_copy)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p"}\n')
+    r = _cli("sft", "--force", *args(run_copy, "sft.max_lr=1e-3",
+                                       f"data.train={tmp_path / 'bad.jsonl'}"))
+    _one_error(r, "bad.jsonl", "missing column")
+    assert _snapshot(run_copy) == before                     # nothing changed, nothing left
+    assert not (run_copy / ".redo-sft").exists()
+    r = _cli("sft", "--force", *args(run_copy, "sft.max_lr=1e-3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = _snapshot(run_copy)
+    assert after["sft/adapter/adapter_model.safetensors"] != \
+        before["sft/adapter/adapter_model.safetensors"]
+    assert "max_lr: 0.001" in (run_copy / "sft" / "config.yaml").read_text()
+    assert f"out_dir: {run_copy}" in (run_copy / "sft" / "config.yaml").read_text()
+    # what was made from the old SFT adapter is stale: never taken as finished
+    assert set(json.loads((run_copy / "stale.json").read_text())) == {"generate", "rl", "eval"}
+    r = _cli("eval", *args(run_copy, "sft.max_lr=1e-3"))
+    _one_error(r, "stale", "posttrain rl")
+    assert _snapshot(run_copy / "eval") == {k[5:]: v for k, v in after.items()
+                                            if k.startswith("eval/")}
+    # a plain re-run of the pipeline redoes exactly the stale stages, then all is done
+    r = subprocess.run([sys.executable, "-m", "posttrain", "run", "--config", "defaults",
+                        *args(run_copy, "sft.max_lr=1e-3")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "run: sft already done" in r.stdout and "run: rl (redo)" in r.stdout
+    assert not (run_copy / "stale.json").exists()
+    assert _snapshot(run_copy)["sft/adapter/adapter_model.safetensors"] == \
+        after["sft/adapter/adapter_model.safetensors"]
+
+
+def test_a_failed_start_leaves_nothing_that_refuses_the_fix(tmp_path, args):
+    out = tmp_path / "run"
+    r = _cli("sft", *args(out, f"model.name={tmp_path / 'no-such-model'}"))
+    _one_error(r, "no-such-model")
+    assert not (out / "sft" / "config.yaml").exists() and not (out / "config.yaml").exists()
+    r = _cli("sft", *args(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "sft" / "summary.json").is_file()
+
+
+def test_force_with_the_same_config_redoes_the_stage(run_copy, args):
+    made = (run_copy / "rl" / "summary.json").stat().st_mtime_ns
+    r = _cli("rl", *args(run_copy))
+    assert r.returncode == 0 and "already finished" in r.stdout
+    assert (run_copy / "rl" / "summary.json").stat().st_mtime_ns == made
+    r = _cli("rl", "--force", *args(run_copy))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "redoing it" in r.stdout and "the redo replaced" in r.stdout
+    assert (run_copy / "rl" / "summary.json").stat().st_mtime_ns > made
+    assert set(json.loads((run_copy / "stale.json").read_text())) == {"eval"}
+
+
+def _wait_for(cond, proc, what, limit=300):
+    deadline = time.time() + limit
+    while not cond():
+        assert proc.poll() is None and time.time() < deadline, f"ended before {what}"
+        time.sleep(0.01)
+
+
+def test_kill_9_during_a_forced_redo_keeps_the_old_outputs_and_resumes(run_copy, args):
+    before = _snapshot(run_copy)
+    cmd = [sys.executable, "-m", "posttrain", "sft", "--force", "--config", "defaults",
+           *args(run_copy, "sft.max_lr=1e-3")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run_copy / ".redo-sft" / "sft" / "checkpoints"
+    _wait_for(lambda: ckpts.is_dir() and len(list(ckpts.glob("step_*/state.pt"))) >= 2, proc,
+              "the second checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    now = _snapshot(run_copy)
+    assert {k: v for k, v in now.items() if not k.startswith(".redo-sft")} == before
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming the redo" in r.stdout and "resuming from" in r.stdout
+    assert not (run_copy / ".redo-sft").exists()
+    assert "max_lr: 0.001" in (run_copy / "sft" / "config.yaml").read_text()
+
+
+def test_kill_9_during_run_force_then_the_same_command_goes_on(run_copy, args):
+    sft_summary = run_copy / "sft" / "summary.json"
+    old_sft = sft_summary.read_bytes()
+    cmd = [sys.executable, "-m", "posttrain", "run", "--force", "--config", "defaults",
+           *args(run_copy)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def sft_redone():  # SFT redone and swapped in; generate's redo is loading its model
+        record = run_copy / "redo.json"
+        return record.is_file() and "sft" in json.loads(record.read_text() or "{}").get(
+            "served", [])
+    _wait_for(sft_redone, proc, "the SFT redo")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sft_summary.read_bytes() != old_sft
+    stale = json.loads((run_copy / "stale.json").read_text())
+    assert set(stale) == {"generate", "rl", "eval"}
+    for stage in ("generate", "rl", "eval"):     # stale outputs are never taken as finished
+        assert not pipeline.stage_done(load_config(None, args(run_copy)), stage)
+    redone_sft = sft_summary.stat().st_mtime_ns
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sft_summary.stat().st_mtime_ns == redone_sft    # not redone a second time
+    assert "run: sft already done" in r.stdout
+    assert not (run_copy / "stale.json").exists() and not (run_copy / "redo.json").exists()
+    assert not list(run_copy.glob(".redo-*"))
