@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -536,7 +537,7 @@ def load_config(path: Optional[str] = None, overrides: tuple = ()) -> Config:
         p = resolve_config_path(path)
         try:
             loaded = OmegaConf.load(p)
-        except Exception as e:  # yaml.YAMLError and friends
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(loaded, type(OmegaConf.create({}))):
             raise ConfigError(f"{path}: expected a mapping of config sections at the top level")

@@ -39,13 +39,16 @@ def _load_dataset(source: str, split: str):
     import datasets
 
     datasets.disable_progress_bars()
+    # what a bad file, folder or Hub id raises (pyarrow's errors are ValueErrors); anything
+    # else is a bug and keeps its traceback
+    LOAD_ERRORS = (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError)
     if source == "sample":
         source = str(sample_path(split))
     path = Path(source)
     if path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
-        except Exception as e:
+        except LOAD_ERRORS as e:
             raise DataError(f"{source}: not a folder written by save_to_disk ({e})") from e
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -64,7 +67,7 @@ def _load_dataset(source: str, split: str):
         try:
             return datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()],
                                          data_files=str(path), split="train")
-        except Exception as e:
+        except LOAD_ERRORS as e:
             cause = e.__cause__ or e
             raise DataError(f"{source}: could not read as {path.suffix} ({type(cause).__name__}: "
                             f"{str(cause).splitlines()[0] if str(cause) else ''})") from e
@@ -73,7 +76,7 @@ def _load_dataset(source: str, split: str):
                         "folder")
     try:
         return datasets.load_dataset(source, split=split)
-    except Exception as e:
+    except LOAD_ERRORS as e:
         raise DataError(f"{source}: could not load Hub dataset split {split!r} "
                         f"({type(e).__name__}: {e})") from e
 

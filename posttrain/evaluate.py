@@ -187,7 +187,8 @@ def run(cfg: Config) -> dict:
     """Sample, score and compare; returns the report (also written to eval/report.json)."""
     out, e = cfg.run_dir / "eval", cfg.eval
     if (out / "report.json").is_file():
-        print(f"eval: already finished in {out} (delete it to evaluate again)")
+        print(f"eval: already finished in {out} "
+              "(--force evaluates again, keeping it until the new report is written)")
         return json.loads((out / "report.json").read_text())
     device = modeling.resolve_device(cfg.model)
     dtype = modeling.compute_dtype(cfg.model, device)

@@ -134,7 +134,8 @@ def run(cfg: Config) -> dict:
     """Generate the RL set; returns its stats (also written to generate/stats.json)."""
     out = cfg.run_dir / "generate"
     if (out / "stats.json").is_file() and (out / "dataset").is_dir():
-        print(f"generate: already finished in {out} (delete it to generate again)")
+        print(f"generate: already finished in {out} "
+              "(--force generates again, keeping it until the new set is written)")
         return json.loads((out / "stats.json").read_text())
     g = cfg.generate
     device = modeling.resolve_device(cfg.model)
@@ -242,7 +243,7 @@ def load_set(run_dir: Path, tokenizer) -> tuple[list[dict], dict]:
                         "policy's at temperature 1, so offline RL needs both at 1")
     try:
         records = datasets.load_from_disk(str(out / "dataset")).to_list()
-    except Exception as e:
+    except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{out / 'dataset'}: cannot read the generated set ({e})") from e
     if not records or not any(len(r["completion_ids"]) for r in records):
         raise DataError(f"{out}: no sample has any completion token; nothing to train on")

@@ -33,7 +33,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage))
-            except Exception:  # tensorboard not installed: the jsonl file is the record
+            except ImportError:  # tensorboard not installed: the jsonl file is the record
                 self._tb = None
 
     def log(self, step: int, **values) -> None:

@@ -288,7 +288,8 @@ def _swap_in(cfg: Config, stage: str) -> None:
 def _recover(cfg: Config) -> None:
     """Finish what a kill interrupted: a swap half done, or a redo finished but not swapped."""
     for stage, (_, folder, marker, _) in STAGES.items():
-        shadow, old, dest = _shadow(cfg, stage), cfg.run_dir / f".{folder}.old", cfg.run_dir / folder
+        shadow, dest = _shadow(cfg, stage), cfg.run_dir / folder
+        old = cfg.run_dir / f".{folder}.old"
         if marker and (shadow / folder / marker).is_file():
             _swap_in(cfg, stage)
         elif old.exists() and not dest.exists():

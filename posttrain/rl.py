@@ -402,7 +402,8 @@ def run(cfg: Config) -> dict:
     """Train the RL adapter (offline on the generated set, or online); returns the summary."""
     out = cfg.run_dir / "rl"
     if (out / "summary.json").is_file() and (out / "adapter").is_dir():
-        print(f"rl: already finished in {out} (delete it to train again)")
+        print(f"rl: already finished in {out} "
+              "(--force trains again, keeping it until the new adapter is written)")
         return json.loads((out / "summary.json").read_text())
     torch.manual_seed(cfg.seed)
     acc, dtype = setup_accelerator(cfg)

@@ -165,7 +165,8 @@ def run(cfg: Config) -> dict:
     out = cfg.run_dir / "sft"
     if (out / "summary.json").is_file() and (out / "adapter").is_dir():
         import json
-        print(f"sft: already finished in {out} (delete it to train again)")
+        print(f"sft: already finished in {out} "
+              "(--force trains again, keeping it until the new adapter is written)")
         return json.loads((out / "summary.json").read_text())
     rows = load_split_rows(cfg)
     torch.manual_seed(cfg.seed)
