@@ -225,6 +225,11 @@ class GenerateConfig:
     target: Optional[int] = None
     """With length-conditioned prompts (data.length_cue): the length every prompt asks for;
     null draws one per prompt from rl.target_range."""
+    max_prompts: Optional[int] = None
+    """Draw prompts (generate, and online RL's rounds) from at most the first this many rows
+    of `prompts` that fit (after filtering); null for all. With eval.skip_prompts at least
+    this on the same file, the judged rows are ones SFT (data.max_train_rows <= this) and
+    RL never read."""
     push_to_hub: Optional[str] = None
     """Hub dataset repo id to push the generated set to; null keeps it local."""
     group_by_length: bool = True
@@ -239,6 +244,8 @@ class GenerateConfig:
     def __post_init__(self):
         _choice(self.backend, "generate.backend", ("hf", "vllm"))
         _positive(self.num_samples, "generate.num_samples")
+        if self.max_prompts is not None:
+            _positive(self.max_prompts, "generate.max_prompts")
         _positive(self.samples_per_prompt, "generate.samples_per_prompt")
         _positive(self.batch_size, "generate.batch_size")
         _positive(self.max_new_tokens, "generate.max_new_tokens")
@@ -423,7 +430,12 @@ class EvalConfig:
     prompts_split: Optional[str] = None
     """Split of `prompts`; null means `data.eval_split`."""
     num_prompts: Optional[int] = 50
-    """Held-out prompts to sample (the first ones after filtering); null for all."""
+    """Held-out prompts to sample (the first ones after filtering and eval.skip_prompts);
+    null for all."""
+    skip_prompts: int = 0
+    """Skip this many held-out rows (after filtering) before taking eval.num_prompts: to
+    judge on rows of the training file that SFT and RL never read (see
+    generate.max_prompts)."""
     samples_per_prompt: int = 4
     """Samples per prompt and model (they share the prompt pass). Report variances from at
     least 200 samples per model: fewer swing by +-20%."""
@@ -450,6 +462,7 @@ class EvalConfig:
             raise ConfigError(f"eval.models={list(self.models)!r}: expected a non-empty list of "
                               "'base', 'sft', 'rl'")
         _positive(self.samples_per_prompt, "eval.samples_per_prompt")
+        _positive(self.skip_prompts, "eval.skip_prompts", allow_zero=True)
         _positive(self.temperature, "eval.temperature")
         _positive(self.bootstrap, "eval.bootstrap")
         if any(not isinstance(t, (int, float)) or t <= 0 for t in self.targets):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from posttrain import modeling, objectives as O, rewards
 from posttrain.config import Config, ConfigError, record_config
-from posttrain.data import round_length
+from posttrain.data import DataError, round_length
 from posttrain.generate import cue_prompts, heldout_rows, sample_records
 from posttrain.io import atomic_write_json, atomic_write_text
 from posttrain.rewards import is_abrupt  # the one ending rule (the reward uses it too)
@@ -196,8 +196,11 @@ def run(cfg: Config) -> dict:
     tokenizer = modeling.load_tokenizer(cfg.model, str(sft_dir) if sft_dir.is_dir() else None)
     rows, ids = heldout_rows(e.prompts or cfg.data.eval, e.prompts_split or cfg.data.eval_split,
                              tokenizer, cfg)
-    if e.num_prompts is not None:
-        rows, ids = rows[:e.num_prompts], ids[:e.num_prompts]
+    end = None if e.num_prompts is None else e.skip_prompts + e.num_prompts
+    rows, ids = rows[e.skip_prompts:end], ids[e.skip_prompts:end]
+    if not rows:
+        raise DataError(f"eval: no held-out prompt left after eval.skip_prompts="
+                        f"{e.skip_prompts} (the source has fewer rows that fit)")
     texts = [r["prompt"] for r in rows]
     bs = e.batch_size or cfg.generate.batch_size
     max_new = e.max_new_tokens or cfg.generate.max_new_tokens

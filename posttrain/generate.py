@@ -63,6 +63,15 @@ def prompt_pool(source: str, split: str, tokenizer, cfg: Config) -> tuple[list[s
     return [r["prompt"] for r in rows], ids
 
 
+def train_prompt_pool(tokenizer, cfg: Config) -> tuple[list[str], list[list[int]]]:
+    """The prompts generate and online RL draw from: generate.prompts (or data.train), at most
+    the first generate.max_prompts that fit."""
+    g = cfg.generate
+    texts, ids = prompt_pool(g.prompts or cfg.data.train, g.prompts_split or cfg.data.train_split,
+                             tokenizer, cfg)
+    return texts[:g.max_prompts], ids[:g.max_prompts]
+
+
 def draw_targets(n: int, cfg: Config, seed: int) -> list[int | None]:
     """The length each of n prompts asks for: generate.target, or drawn uniformly from
     rl.target_range (seeded); None for plain prompts."""
@@ -142,8 +151,7 @@ def run(cfg: Config) -> dict:
     dtype = modeling.compute_dtype(cfg.model, device)
     tokenizer = modeling.load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter")
                                         if (cfg.run_dir / "sft" / "adapter").is_dir() else None)
-    texts, prompts = prompt_pool(g.prompts or cfg.data.train,
-                                 g.prompts_split or cfg.data.train_split, tokenizer, cfg)
+    texts, prompts = train_prompt_pool(tokenizer, cfg)
     vllm = None
     if g.backend == "vllm":  # fail before loading anything
         from posttrain import vllm_backend

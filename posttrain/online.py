@@ -21,7 +21,7 @@ import torch
 
 from posttrain import modeling
 from posttrain.config import Config
-from posttrain.generate import cue_prompts, draw_targets, prompt_pool, sample_records
+from posttrain.generate import cue_prompts, draw_targets, sample_records, train_prompt_pool
 from posttrain.rl import Trainer, abrupt_flags, step_plan, step_rewards
 
 
@@ -62,9 +62,7 @@ def sample_round(model, tokenizer, texts, prompts, cfg: Config, it: int, device,
 
 
 def run_online(cfg: Config, acc, dtype, tokenizer) -> dict:
-    g = cfg.generate
-    texts, prompts = prompt_pool(g.prompts or cfg.data.train, g.prompts_split or cfg.data.train_split,
-                                 tokenizer, cfg)
+    texts, prompts = train_prompt_pool(tokenizer, cfg)
     total = cfg.rl.iterations * steps_per_round(cfg, acc.num_processes)
     if cfg.rl.max_steps > 0:
         total = min(total, cfg.rl.max_steps)
