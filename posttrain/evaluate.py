@@ -173,10 +173,10 @@ def _load_models(cfg: Config, device):
 
 
 def _reward_lengths(cfg: Config, samples: list[dict]) -> list[float]:
-    """The lengths the reward takes its statistics from: the generated set RL trained on,
-    else the SFT samples here, else all samples."""
+    """The lengths the reward takes its statistics from: the generated set offline RL
+    trained on, else the SFT samples here, else all samples."""
     ds = cfg.run_dir / "generate" / "dataset"
-    if ds.is_dir():
+    if cfg.rl.mode == "offline" and ds.is_dir():
         import datasets
         return datasets.load_from_disk(str(ds))["length_" + cfg.reward.unit]
     own = [s for s in samples if s["model"] == "sft"] or samples

@@ -48,6 +48,7 @@ SHARED = {"sft", "rl"}
 IGNORED = {"checkpoint_every", "keep_checkpoints", "push_to_hub"}
 STALE = "stale.json"   # in the run directory: stages made from outputs redone since
 REDO = "redo.json"     # in the run directory: what a `run --force` has redone so far
+SWAPPING = "swapping"  # in a shadow: its swap into the run directory has begun
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -139,7 +140,10 @@ def _needs(cfg: Config, stage: str) -> list[str]:
         return ["sft"] + (["generate"] if cfg.rl.mode == "offline" else [])
     if stage == "eval":
         wanted = set(cfg.eval.models)
-        return (["sft"] if wanted & {"sft", "rl"} else []) + (["rl"] if "rl" in wanted else [])
+        # offline, the reward statistics come from the generated set when there is one
+        generated = cfg.rl.mode == "offline" and (cfg.run_dir / "generate").is_dir()
+        return ((["sft"] if wanted & {"sft", "rl"} else []) + (["generate"] if generated else [])
+                + (["rl"] if "rl" in wanted else []))
     return []
 
 
@@ -196,6 +200,8 @@ def run_stage(cfg: Config, stage: str, force: bool = False):
         result = _redo(cfg, stage, procs)
     elif stage in SHARED or procs.main:
         result = module.run(cfg)
+        if procs.main:
+            _clear_stale(cfg, stage)  # a stale stage with an empty folder ran in place
     procs.barrier()
     if stage == "eval" and procs.main:
         print(f"eval: report in {cfg.run_dir / 'eval' / 'report.md'}")
@@ -245,24 +251,33 @@ def _redo(cfg: Config, stage: str, procs: "_Processes"):
 
 
 def _swap_in(cfg: Config, stage: str) -> None:
-    """Move a finished redo from its shadow into the run directory. Each step can be
-    repeated, so `_recover` finishes a swap a kill interrupted."""
+    """Move a finished redo from its shadow into the run directory. A `swapping` file in the
+    shadow says a swap has begun; each step can be repeated, so `_recover` finishes a swap
+    a kill interrupted."""
     shadow, folder = _shadow(cfg, stage), STAGES[stage][1]
     new, dest = shadow / folder, cfg.run_dir / folder
     old = cfg.run_dir / f".{folder}.old"
-    # 1. the stage's rows in metrics.jsonl: the redo's replace the old ones
+    atomic_write_text(shadow / SWAPPING, stage + "\n")
+    # 1. first, what later stages made from the old outputs becomes stale
+    names = list(STAGES)
+    marks = stale(cfg)
+    later = [s for s in names[names.index(stage) + 1:] if STAGES[s][2] and _made(cfg, s)]
+    for s in later:
+        marks.setdefault(s, f"made from the {stage} outputs that were redone since")
+    _set_stale(cfg, marks)
+    # 2. the stage's rows in metrics.jsonl: the redo's replace the old ones
     if (shadow / "metrics.jsonl").is_file():
         rows = [r for r in read_metrics(cfg.run_dir) if r.get("stage") != stage]
         rows += read_metrics(shadow, stage)
         atomic_write_text(cfg.run_dir / "metrics.jsonl",
                           "".join(json.dumps(r) + "\n" for r in rows))
-    # 2. the config it was made with, under the real out_dir
+    # 3. the config it was made with, under the real out_dir
     if (new / "config.yaml").is_file():
         stored = OmegaConf.load(new / "config.yaml")
         stored.out_dir = str(cfg.run_dir)
         atomic_write_text(new / "config.yaml", OmegaConf.to_yaml(stored))
         atomic_write_text(cfg.run_dir / "config.yaml", OmegaConf.to_yaml(stored))
-    # 3. the folder: old aside, new in, old gone
+    # 4. the folder: old aside, new in, old gone
     if new.is_dir():
         if dest.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -273,24 +288,41 @@ def _swap_in(cfg: Config, stage: str) -> None:
         shutil.rmtree(cfg.run_dir / "tensorboard" / stage, ignore_errors=True)
         (cfg.run_dir / "tensorboard").mkdir(exist_ok=True)
         os.replace(shadow / "tensorboard" / stage, cfg.run_dir / "tensorboard" / stage)
-    # 4. what later stages made from the old outputs is stale
-    names = list(STAGES)
-    marks = {k: v for k, v in stale(cfg).items() if k != stage}
-    for later in names[names.index(stage) + 1:]:
-        if STAGES[later][2] and _made(cfg, later):
-            marks.setdefault(later, f"made from the {stage} outputs that were redone since")
-    _set_stale(cfg, marks)
-    shutil.rmtree(shadow)
+    # 5. an unfinished redo of a later stage was built on the old outputs: drop it
+    for s in names[names.index(stage) + 1:]:
+        _discard(_shadow(cfg, s))
+    # 6. this stage is current again; `run --force` counts it as redone
+    _clear_stale(cfg, stage)
+    _served(cfg, stage)
+    _discard(shadow)
     print(f"{stage}: the redo replaced {dest}"
-          + (f"; stale now: {', '.join(m for m in marks)}" if marks else ""))
+          + (f"; stale now: {', '.join(later)}" if later else ""))
+
+
+def _discard(folder: Path) -> None:
+    """Remove a shadow: renamed first, so a kill mid-way never leaves half a shadow."""
+    if folder.exists():
+        trash = folder.with_name(folder.name + ".trash")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+        shutil.rmtree(trash)
+
+
+def _clear_stale(cfg: Config, stage: str) -> None:
+    marks = stale(cfg)
+    if stage in marks:
+        del marks[stage]
+        _set_stale(cfg, marks)
 
 
 def _recover(cfg: Config) -> None:
     """Finish what a kill interrupted: a swap half done, or a redo finished but not swapped."""
+    for trash in cfg.run_dir.glob(".redo-*.trash"):
+        shutil.rmtree(trash, ignore_errors=True)
     for stage, (_, folder, marker, _) in STAGES.items():
         shadow, dest = _shadow(cfg, stage), cfg.run_dir / folder
         old = cfg.run_dir / f".{folder}.old"
-        if marker and (shadow / folder / marker).is_file():
+        if marker and ((shadow / SWAPPING).is_file() or (shadow / folder / marker).is_file()):
             _swap_in(cfg, stage)
         elif old.exists() and not dest.exists():
             os.replace(old, dest)
@@ -353,8 +385,8 @@ def run(cfg: Config, force: bool = False) -> dict:
         timings[stage] = round(time.perf_counter() - t0, 1)
         if procs.main:
             atomic_write_json(timing_file, timings)
-            if force:
-                _served(cfg, stage)
+            _clear_stale(cfg, stage)  # a stale stage with an empty folder ran in place
+            _served(cfg, stage)
     if procs.main:
         (cfg.run_dir / REDO).unlink(missing_ok=True)
         _print_figures(cfg, timings)

@@ -275,7 +275,7 @@ def _wait_for(cond, proc, what, limit=300):
 def test_kill_9_during_a_forced_redo_keeps_the_old_outputs_and_resumes(run_copy, args):
     before = _snapshot(run_copy)
     cmd = [sys.executable, "-m", "posttrain", "sft", "--force", "--config", "defaults",
-           *args(run_copy, "sft.max_lr=1e-3")]
+           *args(run_copy, "sft.max_lr=1e-3", "sft.batch_size=1")]   # 24 steps: time to kill
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = run_copy / ".redo-sft" / "sft" / "checkpoints"
     _wait_for(lambda: ckpts.is_dir() and len(list(ckpts.glob("step_*/state.pt"))) >= 2, proc,
@@ -316,3 +316,66 @@ def test_kill_9_during_run_force_then_the_same_command_goes_on(run_copy, args):
     assert "run: sft already done" in r.stdout
     assert not (run_copy / "stale.json").exists() and not (run_copy / "redo.json").exists()
     assert not list(run_copy.glob(".redo-*"))
+
+
+class Crash(BaseException):
+    """Stands for a kill -9 at one file-system step."""
+
+
+def test_a_crash_at_any_step_of_the_swap_loses_nothing_and_recovers(run_copy, args, tmp_path,
+                                                                    monkeypatch):
+    """A finished redo of SFT is swapped in with a crash at the n-th rename (every rename of
+    the swap and of its atomic writes, in turn). At each crash point a usable SFT exists and
+    new SFT outputs never sit beside later outputs that are not marked stale; the next
+    command's recovery then completes the swap."""
+    import os
+
+    cfg = load_config(None, args(run_copy, "sft.max_lr=1e-3"))
+    monkeypatch.setattr(pipeline, "_swap_in", lambda cfg, stage: None)  # leave it unswapped
+    pipeline.run_stage(cfg, "sft", force=True)
+    monkeypatch.undo()
+    new_summary = (run_copy / ".redo-sft" / "sft" / "summary.json").read_bytes()
+    old_summary = (run_copy / "sft" / "summary.json").read_bytes()
+    template = tmp_path / "template"
+    shutil.copytree(run_copy, template, symlinks=True)
+    real_replace = os.replace
+    for n in range(1, 40):
+        work = tmp_path / f"crash{n}"
+        shutil.copytree(template, work, symlinks=True)
+        wcfg = load_config(None, args(work, "sft.max_lr=1e-3"))
+        calls = []
+
+        def replace(a, b, calls=calls, n=n):
+            calls.append(a)
+            if len(calls) == n:
+                raise Crash()
+            return real_replace(a, b)
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            pipeline.run_stage(wcfg, "sft", force=False)  # the next command: recovery first
+            crashed = False
+        except Crash:
+            crashed = True
+        monkeypatch.setattr(os, "replace", real_replace)
+        if crashed:   # the state a kill at this step leaves
+            here = [p.read_bytes() for p in (work / "sft" / "summary.json",
+                                             work / ".sft.old" / "summary.json",
+                                             work / ".redo-sft" / "sft" / "summary.json")
+                    if p.is_file()]
+            assert here, f"no SFT outputs after a crash at rename {n}"
+            if (work / "sft" / "summary.json").is_file() and \
+                    (work / "sft" / "summary.json").read_bytes() == new_summary:
+                assert {"generate", "rl", "eval"} <= set(pipeline.stale(wcfg)), n
+            pipeline.run_stage(wcfg, "sft", force=False)    # recovery completes the swap
+        assert (work / "sft" / "summary.json").read_bytes() == new_summary, n
+        assert set(pipeline.stale(wcfg)) == {"generate", "rl", "eval"}, n
+        assert not [p.name for p in work.iterdir() if p.name.startswith((".redo", ".sft"))], n
+        sft_rows = [r for r in map(json.loads, (work / "metrics.jsonl").read_text().splitlines())
+                    if r["stage"] == "sft"]
+        assert len({r["step"] for r in sft_rows if "loss" in r}) == len(
+            [r for r in sft_rows if "loss" in r]), n                 # each step once
+        if not crashed:
+            break
+    else:
+        pytest.fail("the swap never finished")
+    assert n > 3 and new_summary != old_summary
