@@ -85,3 +85,18 @@ def test_a_bad_key_under_accelerate_launch_is_reported_once(tmp_path):
     assert r.returncode != 0
     # once from the main process (the launcher's own report of the exit may follow)
     assert (r.stdout + r.stderr).count("unknown config key 'sft.nope'") == 1, r.stderr[-3000:]
+
+
+def test_eval_alone_under_accelerate_launch_runs_on_the_main_process(tiny_model_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "posttrain", "eval", "--config", "defaults", f"out_dir={out}",
+           f"model.name={tiny_model_dir}", *TINY, "eval.models=[base]"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("eval: report in") == 1            # one process did the work
+    samples = (out / "eval" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 3 * 2                             # 3 prompts x 2, not doubled
