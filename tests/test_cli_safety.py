@@ -229,7 +229,7 @@ def test_forced_redo_with_bad_data_loses_nothing_then_redoes(run_copy, args, tmp
     # what was made from the old SFT adapter is stale: never taken as finished
     assert set(json.loads((run_copy / "stale.json").read_text())) == {"generate", "rl", "eval"}
     r = _cli("eval", *args(run_copy, "sft.max_lr=1e-3"))
-    _one_error(r, "stale", "posttrain rl")
+    _one_error(r, "stale", "posttrain generate")   # the first of its stale inputs
     assert _snapshot(run_copy / "eval") == {k[5:]: v for k, v in after.items()
                                             if k.startswith("eval/")}
     # a plain re-run of the pipeline redoes exactly the stale stages, then all is done
