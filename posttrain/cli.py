@@ -9,20 +9,20 @@ from posttrain import __version__
 from posttrain.config import (BUNDLED, DEFAULTS, ConfigError, bundled_configs, describe,
                               load_config, to_yaml)
 
-# stage -> (module, config sections it reads, one-line help)
+# stage -> (config sections its --help lists, one-line help); pipeline.STAGES runs them
 STAGES = {
-    "sft": ("posttrain.sft", ("model", "lora", "data", "sft"),
+    "sft": (("model", "lora", "data", "sft"),
             "supervised fine-tuning of a LoRA adapter on prompt/completion rows"),
-    "generate": ("posttrain.generate", ("model", "data", "generate"),
+    "generate": (("model", "data", "generate"),
                  "sample completions from the SFT policy into a scored dataset for RL"),
-    "rl": ("posttrain.rl", ("model", "lora", "data", "generate", "reward", "rl"),
+    "rl": (("model", "lora", "data", "generate", "reward", "rl"),
            "PPO-style RL (offline on the generated set, or online rounds) against the frozen "
            "SFT policy"),
-    "eval": ("posttrain.evaluate", ("model", "data", "generate", "reward", "eval"),
+    "eval": (("model", "data", "generate", "reward", "eval"),
              "sample base/SFT/RL on held-out prompts; length spread, ROUGE, KL -> report"),
-    "plot": ("posttrain.plot", (), "PNG figures: length distributions and training curves"),
-    "view": ("posttrain.view", (), "one self-contained HTML page to read SFT/RL samples side by side"),
-    "run": ("posttrain.pipeline", None,
+    "plot": ((), "PNG figures: length distributions and training curves"),
+    "view": ((), "one self-contained HTML page to read SFT/RL samples side by side"),
+    "run": (None,
             "the whole pipeline (sft, generate, rl, eval, plot, view) in one run directory, "
             "skipping finished stages"),
 }
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES)
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
-    for name, (_, sections, help_) in STAGES.items():
+    for name, (sections, help_) in STAGES.items():
         p = sub.add_parser(
             name, help=help_, description=help_,
             formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -81,13 +81,16 @@ def _load_dataset(source: str, split: str):
                         f"({type(e).__name__}: {e})") from e
 
 
-def _row_lines(source: str) -> list[int]:
-    """For a .jsonl file, the line number (from 1) of each row; [] for other sources."""
+def _row_name(source: str, i: int) -> str:
+    """Row i (from 0) of `source` as a message names it, from 1: its line in a .jsonl file
+    (blank lines skipped by the reader are counted), else its row number."""
     path = Path(source)
-    if path.suffix.lower() != ".jsonl" or not path.is_file():
-        return []
-    with open(path, "rb") as f:
-        return [n for n, line in enumerate(f, 1) if line.strip()]
+    if path.suffix.lower() == ".jsonl" and path.is_file():
+        with open(path, "rb") as f:
+            lines = [n for n, line in enumerate(f, 1) if line.strip()]
+        if i < len(lines):
+            return f"line {lines[i]}"
+    return f"row {i + 1}"
 
 
 def _check_utf8(path: Path) -> None:
@@ -112,18 +115,18 @@ def load_rows(source: str, split: str, cfg: DataConfig) -> list[dict]:
     if len(ds) == 0:
         raise DataError(f"{where}: has no rows")
     rows, empty = [], 0
-    lines = _row_lines(source)
     for i, (p, c) in enumerate(zip(ds[cfg.prompt_field], ds[cfg.completion_field])):
-        at = f"line {lines[i]}" if lines else f"row {i + 1}"  # both count from 1
         if not isinstance(p, str) or not p.strip():
-            raise DataError(f"{where}: {at}: empty or non-text {cfg.prompt_field!r}")
+            raise DataError(f"{where}: {_row_name(source, i)}: empty or non-text "
+                            f"{cfg.prompt_field!r}")
         if c is not None and not isinstance(c, str):
-            raise DataError(f"{where}: {at}: {cfg.completion_field!r} is "
+            raise DataError(f"{where}: {_row_name(source, i)}: {cfg.completion_field!r} is "
                             f"{type(c).__name__} {c!r}, expected text")
         if c is None or not c.strip():
             if cfg.empty_completions == "error":
-                raise DataError(f"{where}: {at}: empty {cfg.completion_field!r} "
-                                "(set data.empty_completions=drop to skip such rows)")
+                raise DataError(f"{where}: {_row_name(source, i)}: empty "
+                                f"{cfg.completion_field!r} (set data.empty_completions=drop "
+                                "to skip such rows)")
             empty += 1
             continue
         rows.append({"prompt": p, "completion": c})

@@ -358,7 +358,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     if procs.main:
         _recover(cfg)
     procs.barrier()
-    forced = _forced_stages(cfg, force) if force else set()
+    forced = _forced_stages(cfg, procs) if force else set()
     timing_file = cfg.run_dir / "pipeline.json"
     timings = read_json(timing_file) if timing_file.is_file() else {}
     for stage in names:
@@ -385,15 +385,16 @@ def run(cfg: Config, force: bool = False) -> dict:
         timings[stage] = round(time.perf_counter() - t0, 1)
         if procs.main:
             atomic_write_json(timing_file, timings)
-            _clear_stale(cfg, stage)  # a stale stage with an empty folder ran in place
-            _served(cfg, stage)
+            if not redo:  # a redo's swap has done both
+                _clear_stale(cfg, stage)  # a stale stage with an empty folder ran in place
+                _served(cfg, stage)
     if procs.main:
         (cfg.run_dir / REDO).unlink(missing_ok=True)
         _print_figures(cfg, timings)
     return timings
 
 
-def _forced_stages(cfg: Config, force: bool) -> set:
+def _forced_stages(cfg: Config, procs: "_Processes") -> set:
     """The stages `run --force` redoes: from the first whose config changed (every stage
     when none did), less those this same forced run already redid before a kill."""
     names = [s for s in STAGES if STAGES[s][2]]
@@ -406,7 +407,7 @@ def _forced_stages(cfg: Config, force: bool) -> set:
         old = read_json(record)
         if old.get("config") == text:
             done = old.get("served", [])
-    if _Processes(cfg).main:
+    if procs.main:
         atomic_write_json(record, {"config": text, "served": done})
     return wanted - set(done)
 
