@@ -11,39 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 
 import torch
 
 from posttrain import modeling
 from posttrain.config import load_config
-from posttrain.generate import prompt_pool, sample_records
+from posttrain.evaluate.metrics import bootstrap_ratio
+from posttrain.rollout import collect as C
+from posttrain.rollout.prompts import prompt_pool
 from posttrain.io import atomic_write_json
 
 
-def sample_lengths(model, tokenizer, texts, ids, cfg, samples: int) -> list[dict]:
+def sample_lengths(model, tokenizer, texts, ids, cfg, samples: int) -> list:
     device = modeling.resolve_device(cfg.model)
     dtype = modeling.compute_dtype(cfg.model, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
-    out = []
-    bs = cfg.generate.batch_size
-    for s in range(0, len(ids), bs):
-        with modeling.autocast(device, dtype):
-            out += sample_records(model, tokenizer, texts[s:s + bs], ids[s:s + bs], samples,
-                                  cfg.generate.max_new_tokens, gen)
-    return out
-
-
-def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0):
-    rng = random.Random(seed)
-    ratios = []
-    for _ in range(n):
-        ra = [rng.choice(a) for _ in a]
-        rb = [rng.choice(b) for _ in b]
-        ratios.append(statistics.pvariance(ra) / max(statistics.pvariance(rb), 1e-9))
-    ratios.sort()
-    return ratios[int(0.025 * n)], ratios[int(0.975 * n)]
+    jobs = C.make_jobs(texts, ids, cfg.generate.batch_size, tokenizer, cfg)
+    with modeling.autocast(device, dtype):
+        return C.collect(jobs, C.hf_draw(model, tokenizer, samples, cfg.generate.max_new_tokens,
+                                         1.0, 1.0), lambda job: gen)
 
 
 def main() -> None:
@@ -66,12 +53,12 @@ def main() -> None:
             sft = sample_lengths(policy, tokenizer, texts, ids, cfg, args.samples)
         rl = sample_lengths(policy, tokenizer, texts, ids, cfg, args.samples)
     for name, recs in (("sft", sft), ("rl", rl)):
-        chars = [r["length_chars"] for r in recs]
+        chars = [r.length_chars for r in recs]
         result[name] = {"n": len(chars), "mean": statistics.fmean(chars),
                         "var": statistics.pvariance(chars), "std": statistics.pstdev(chars),
-                        "eos_rate": sum(r["ended_with_eos"] for r in recs) / len(recs)}
-    a = [r["length_chars"] for r in sft]
-    b = [r["length_chars"] for r in rl]
+                        "eos_rate": sum(r.ended_with_eos for r in recs) / len(recs)}
+    a = [r.length_chars for r in sft]
+    b = [r.length_chars for r in rl]
     result["variance_ratio"] = result["sft"]["var"] / max(result["rl"]["var"], 1e-9)
     result["variance_ratio_ci95"] = bootstrap_ratio(a, b)
     result["mean_change"] = result["rl"]["mean"] / result["sft"]["mean"] - 1

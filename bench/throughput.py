@@ -135,7 +135,8 @@ def _sft_adapter(cfg, work: Path) -> Path:
 def prepare(cfg, work: Path, n_samples: int) -> None:
     """Sample the offline RL steps' records once from the SFT policy (shared by rl/*)."""
     from posttrain import modeling
-    from posttrain.generate import prompt_pool, sample_records
+    from posttrain.rollout.collect import sample_rollouts
+    from posttrain.rollout.prompts import prompt_pool
     adapter = _sft_adapter(cfg, work)
     device = modeling.resolve_device(cfg.model)
     dtype = modeling.compute_dtype(cfg.model, device)
@@ -149,24 +150,24 @@ def prepare(cfg, work: Path, n_samples: int) -> None:
     with torch.no_grad(), modeling.sampler(model, cfg.model, device, dtype) as policy:
         for s in range(0, n_prompts, cfg.generate.batch_size):
             e = min(s + cfg.generate.batch_size, n_prompts)
-            batch = sample_records(policy, tok, texts[s:e], ids[s:e], G,
-                                   cfg.generate.max_new_tokens, gen)
-            for r in batch:
-                r["group"] += s
-            records += batch
-    (work / "records.json").write_text(json.dumps(records))
+            batch = sample_rollouts(policy, tok, texts[s:e], ids[s:e], G,
+                                    cfg.generate.max_new_tokens, gen)
+            records += [r.regrouped(s) for r in batch]
+    (work / "records.json").write_text(json.dumps([r.to_row() for r in records]))
 
 
 def run_sft(cfg, work, warmup, steps):
     from posttrain import modeling, sft
     from posttrain.data import collate
-    acc, dtype = sft.setup_accelerator(cfg)
+    from posttrain.train.dist import setup_accelerator
+    from posttrain.train.loop import build_optimizer
+    acc, dtype = setup_accelerator(cfg)
     tok = modeling.load_tokenizer(cfg.model)
     train, _ = sft.load_examples(cfg, sft.load_split_rows(cfg), tok, log=lambda *a: None)
     model = modeling.add_lora(modeling.load_base_model(cfg.model, acc.device), cfg.lora)
     N, d, V = model_dims(model)
     plan = sft.micro_batches(train, cfg)
-    optimizer = sft.build_optimizer(model, cfg.sft)
+    optimizer = build_optimizer(model, cfg.sft)
     model, optimizer = acc.prepare(model, optimizer)
     model.train()
     ga = cfg.sft.grad_accum
@@ -176,8 +177,8 @@ def run_sft(cfg, work, warmup, steps):
         chunk = plan[k * ga:(k + 1) * ga]
         targets = sum(len(train[i].completion_ids) for ids in chunk for i in ids)
         for ids in chunk:
-            batch = sft.to_device(collate([train[i] for i in ids], tok.pad_token_id,
-                                          packed=cfg.sft.batching == "packed"), acc.device)
+            batch = collate([train[i] for i in ids], tok.pad_token_id,
+                            packed=cfg.sft.batching == "packed").to(acc.device)
             with acc.autocast():
                 loss = sft.completion_loss(model, batch, "sum", cfg.fast.completion_logits)
             acc.backward(loss / targets)
@@ -196,7 +197,8 @@ def run_sft(cfg, work, warmup, steps):
 
 def run_generate(cfg, work, warmup, steps, case):
     from posttrain import modeling
-    from posttrain.generate import prompt_pool, sample_records
+    from posttrain.rollout.collect import sample_rollouts
+    from posttrain.rollout.prompts import prompt_pool
     adapter = _sft_adapter(cfg, work)
     device = modeling.resolve_device(cfg.model)
     dtype = modeling.compute_dtype(cfg.model, device)
@@ -238,10 +240,10 @@ def run_generate(cfg, work, warmup, steps, case):
 
     def step(k):
         with torch.no_grad(), modeling.sampler(model, cfg.model, device, dtype) as policy:
-            recs = sample_records(policy, tok, [texts[i] for i in batches[k]],
-                                  [ids[i] for i in batches[k]], g.samples_per_prompt,
-                                  g.max_new_tokens, gen, g.temperature, g.top_p)
-        n = sum(len(r["completion_ids"]) for r in recs)
+            recs = sample_rollouts(policy, tok, [texts[i] for i in batches[k]],
+                                   [ids[i] for i in batches[k]], g.samples_per_prompt,
+                                   g.max_new_tokens, gen, g.temperature, g.top_p)
+        n = sum(len(r.completion_ids) for r in recs)
         prompt = sum(len(ids[i]) for i in batches[k])
         return n, 2 * N * (prompt + n) + 2 * d * V * n
 
@@ -249,15 +251,20 @@ def run_generate(cfg, work, warmup, steps, case):
 
 
 def run_rl(cfg, work, warmup, steps, case):
-    from posttrain import modeling, rl
-    from posttrain.sft import build_optimizer, build_scheduler, setup_accelerator
+    from posttrain import modeling
+    from posttrain.rl.credit import step_rewards
+    from posttrain.rl.plan import step_plan
+    from posttrain.rl.step import StepContext, step_passes
+    from posttrain.train.dist import setup_accelerator
+    from posttrain.train.loop import build_optimizer, build_scheduler, optimizer_step
+    from posttrain.types import Rollout
     adapter = _sft_adapter(cfg, work)
     acc, dtype = setup_accelerator(cfg)
     tok = modeling.load_tokenizer(cfg.model, str(adapter))
-    records = json.loads((work / "records.json").read_text())
-    reward, stop_reward = rl.step_rewards(records, [r["length_" + cfg.reward.unit]
-                                                    for r in records], tok, cfg)
-    plan = rl.step_plan(records, cfg, epochs=1.0)
+    records = [Rollout.from_row(r) for r in json.loads((work / "records.json").read_text())]
+    reward, stop_reward = step_rewards(records, [r.length(cfg.reward.unit) for r in records],
+                                       tok, cfg)
+    plan = step_plan(records, cfg, epochs=1.0)
     if len(plan) < warmup + steps:
         raise SystemExit(f"rl: only {len(plan)} steps of samples for {warmup + steps}")
     model = modeling.load_policy(cfg, acc.device, adapter, rl="new")
@@ -270,13 +277,16 @@ def run_rl(cfg, work, warmup, steps, case):
     model, optimizer = acc.prepare(model, optimizer)
     model.train()
 
+    ctx = StepContext(model, acc, cfg, tok.pad_token_id, tok.eos_token_id, cfg.rl.beta,
+                      reference=reference)
+
     def step(k):
-        rl.train_step(model, acc, optimizer, scheduler, records, plan[k], reward, stop_reward,
-                      cfg.rl.beta, cfg, tok, online=False, reference=reference)
-        groups = [g for mb in plan[k] for g in mb]
-        prompt_once = sum(len(records[g[0]]["prompt_ids"]) for g in groups)
-        comp = sum(len(records[i]["completion_ids"]) for g in groups for i in g)
-        tokens = sum(len(records[i]["prompt_ids"]) + len(records[i]["completion_ids"])
+        step_passes(ctx, records, plan[k], reward, stop_reward)
+        optimizer_step(acc, model, optimizer, scheduler, cfg.rl.max_grad_norm)
+        groups = plan[k].groups
+        prompt_once = sum(len(records[g[0]].prompt_ids) for g in groups)
+        comp = sum(len(records[i].completion_ids) for g in groups for i in g)
+        tokens = sum(len(records[i].prompt_ids) + len(records[i].completion_ids)
                      for g in groups for i in g)
         return tokens, 2 * (2 * N * (prompt_once + comp) + 2 * d * V * comp)
 

@@ -8,24 +8,9 @@ import sys
 from posttrain import __version__
 from posttrain.config import (BUNDLED, DEFAULTS, ConfigError, bundled_configs, describe,
                               load_config, to_yaml)
+from posttrain.io import InputFileError
+from posttrain.stages import RUN_HELP, STAGES
 
-# stage -> (config sections its --help lists, one-line help); pipeline.STAGES runs them
-STAGES = {
-    "sft": (("model", "lora", "data", "sft"),
-            "supervised fine-tuning of a LoRA adapter on prompt/completion rows"),
-    "generate": (("model", "data", "generate"),
-                 "sample completions from the SFT policy into a scored dataset for RL"),
-    "rl": (("model", "lora", "data", "generate", "reward", "rl"),
-           "PPO-style RL (offline on the generated set, or online rounds) against the frozen "
-           "SFT policy"),
-    "eval": (("model", "data", "generate", "reward", "eval"),
-             "sample base/SFT/RL on held-out prompts; length spread, ROUGE, KL -> report"),
-    "plot": ((), "PNG figures: length distributions and training curves"),
-    "view": ((), "one self-contained HTML page to read SFT/RL samples side by side"),
-    "run": (None,
-            "the whole pipeline (sft, generate, rl, eval, plot, view) in one run directory, "
-            "skipping finished stages"),
-}
 LAUNCH_FILES = ("ddp", "fsdp", "deepspeed-zero2")
 
 EXAMPLES = """examples:
@@ -60,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES)
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
-    for name, (sections, help_) in STAGES.items():
+    # every stage, then `run` (its --help lists every section)
+    commands = [(s.name, s.help_sections, s.help) for s in STAGES.values()]
+    bundled = ", ".join(bundled_configs())
+    for name, sections, help_ in commands + [("run", None, RUN_HELP)]:
         p = sub.add_parser(
             name, help=help_, description=help_,
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    + describe(sections=sections))
         p.add_argument("--config", metavar="FILE.yaml", default="demo",
                        help="YAML file whose values override the defaults, or the name of a "
-                            "bundled config: " + ", ".join(bundled_configs()) + f", or "
+                            "bundled config: " + bundled + f", or "
                             f"`{DEFAULTS}` (no file: the dataclass defaults, the seed's "
                             "method). Default: demo")
         p.add_argument("--force", action="store_true", help=FORCE_HELP.get(name, FORCE_DEFAULT))
@@ -104,8 +92,9 @@ def main(argv=None) -> int:
     if args.stage == "accelerate-config":
         print(BUNDLED / "accelerate" / f"{args.name}.yaml")
         return 0
+    # lazy imports, here and below: they load torch and transformers, which `--help` never
+    # needs (keeps it fast)
     from posttrain.data import DataError
-    from posttrain.io import InputFileError
     from posttrain.modeling import ModelError
     from posttrain.sft import TrainingError
 
@@ -115,7 +104,7 @@ def main(argv=None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from posttrain import pipeline
+        from posttrain import pipeline  # lazy: loads torch (see above)
         pipeline.check_out_dir(cfg)
         pipeline.check_hub_sources(cfg, args.stage)
         if args.stage == "run":

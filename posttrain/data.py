@@ -8,15 +8,14 @@ causal mask.
 from __future__ import annotations
 
 import re
-
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from posttrain.config import DataConfig
+from posttrain.types import Batch, Example  # noqa: F401  (also importable from here)
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SAMPLE_SPLITS = ("train", "validation")
@@ -107,7 +106,8 @@ def _check_utf8(path: Path) -> None:
 def load_rows(source: str, split: str, cfg: DataConfig) -> list[dict]:
     """Read `source` and return rows {"prompt", "completion"} (strings), checked."""
     ds = _load_dataset(source, split)
-    where = f"{source}" + (f" (split {split})" if source == "sample" or not Path(source).suffix else "")
+    named_split = source == "sample" or not Path(source).suffix
+    where = f"{source}" + (f" (split {split})" if named_split else "")
     missing = [c for c in (cfg.prompt_field, cfg.completion_field) if c not in ds.column_names]
     if missing:
         raise DataError(f"{where}: missing column(s) {missing}; it has {ds.column_names}. "
@@ -170,16 +170,6 @@ def cue_rows(rows: list[dict], cfg: DataConfig) -> list[dict]:
 
 # ---------------------------------------------------------------- tokens
 
-@dataclass(frozen=True)
-class Example:
-    """One tokenized row: the prompt, and the completion with EOS appended."""
-    prompt_ids: tuple
-    completion_ids: tuple
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.completion_ids)
-
-
 def fit_prompt(ids: list, cfg: DataConfig) -> Optional[list]:
     """Apply the overlong policy: the ids, a middle-truncated copy, or None (drop)."""
     if len(ids) <= cfg.max_prompt_tokens:
@@ -213,29 +203,6 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig) -> tuple[list[Ex
 
 
 # ---------------------------------------------------------------- batches
-
-class Batch(NamedTuple):
-    """A training batch. R rows of T tokens; N = completion tokens predicted in the batch.
-
-    input_ids:      (R, T) long
-    attention_mask: (R, T) long, or None for a packed batch (positions carry the boundaries)
-    position_ids:   (R, T) long, restarting at 0 at each example
-    predict_mask:   (R, T) bool, True where the next token is a completion token
-    targets:        (N,) long, the completion tokens in row-major order of predict_mask
-    example_index:  (N,) long, which example of the batch each target belongs to
-    """
-    input_ids: torch.Tensor
-    attention_mask: Optional[torch.Tensor]
-    position_ids: torch.Tensor
-    predict_mask: torch.Tensor
-    targets: torch.Tensor
-    example_index: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.position_ids.numel() if self.attention_mask is None
-                   else self.attention_mask.sum())
-
 
 def collate(examples: list[Example], pad_id: int, packed: bool = False) -> Batch:
     """Build a Batch: one right-padded row per example, or all examples in one packed row."""

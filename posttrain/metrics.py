@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from posttrain.io import read_jsonl
+from posttrain.io import atomic_write_text, read_jsonl
 
 
 class MetricsLogger:
@@ -25,13 +25,12 @@ class MetricsLogger:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None and self.path.exists():
-                from posttrain.io import atomic_write_text
                 keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                         if line.strip() and not _beyond(json.loads(line), stage, resume_step)]
                 atomic_write_text(self.path, "".join(line + "\n" for line in keep))
             self._file = open(self.path, "a", encoding="utf-8")
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # heavy: optional
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / stage))
             except ImportError:  # tensorboard not installed: the jsonl file is the record
                 self._tb = None

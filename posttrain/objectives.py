@@ -66,7 +66,8 @@ def stop_credit_loss(logp_stop: torch.Tensor, stop_reward: torch.Tensor,
 
 
 def group_stop_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor,
-                    weight: torch.Tensor, logp_stop: torch.Tensor, logp_stop_old: torch.Tensor | None,
+                    weight: torch.Tensor, logp_stop: torch.Tensor,
+                    logp_stop_old: torch.Tensor | None,
                     stop_reward: torch.Tensor, final_reward: torch.Tensor, may_stop: torch.Tensor,
                     seq_weight: torch.Tensor, stop_weight: float, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,35 +8,22 @@ and appends its metrics to `<out_dir>/metrics.jsonl`.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import shutil
 import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from posttrain import checkpoint, modeling
-from posttrain.config import Config, record_config
-from posttrain.data import (Example, collate, cue_rows, length_grouped_batches, load_rows,
-                            tokenize_rows)
-from posttrain.io import atomic_write_json
-from posttrain.metrics import MetricsLogger
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
-
-
-def setup_accelerator(cfg: Config):
-    from accelerate import Accelerator
-
-    device = modeling.resolve_device(cfg.model)
-    dtype = modeling.compute_dtype(cfg.model, device)
-    acc = Accelerator(cpu=device.type == "cpu",
-                      mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
-    return acc, dtype
+from posttrain import seeds
+from posttrain.config import Config
+from posttrain.data import collate, cue_rows, length_grouped_batches, load_rows, tokenize_rows
+from posttrain.done import finished
+from posttrain.model.adapters import add_lora
+from posttrain.model.forward import completion_logits
+from posttrain.model.load import check_context, load_base_model, load_tokenizer
+from posttrain.train import dist
+from posttrain.train.loop import TrainingError, TrainLoop
+from posttrain.types import Example
 
 
 def load_split_rows(cfg: Config) -> dict:
@@ -63,64 +50,13 @@ def load_examples(cfg: Config, rows: dict, tokenizer, log=print) -> tuple[list, 
     return out[0], out[1]
 
 
-def build_optimizer(model, cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay on trainable parameters with >= 2 dimensions only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.max_lr)
-
-
-def build_scheduler(optimizer, cfg, total_steps: int):
-    """Linear warmup to max_lr, then cosine decay to min_lr."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps, min_lr=cfg.min_lr)
-
-
-def optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
-    """Clip (0 = no clipping), step, advance the schedule; returns (grad norm, lr used)."""
-    grad_norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm), lr
-
-
-def rank_share(chunk: list, rank: int, world: int) -> list[tuple[object, float]]:
-    """This process's part of one optimizer step's micro-batches: every world-th from its rank,
-    each with weight 1. A rank left short (the step's count does not divide) repeats the
-    step's first micro-batch with weight 0, so every rank runs as many backward passes (and
-    gradient all-reduces) as the others and the result is exactly the step's gradient."""
-    mine = [(m, 1.0) for m in chunk[rank::world]]
-    per_rank = math.ceil(len(chunk) / world)
-    return mine + [(chunk[0], 0.0)] * (per_rank - len(mine))
-
-
-def all_finite(acc, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (all stop together, none waits forever
-    in a gradient all-reduce the others left)."""
-    bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
-    if acc.num_processes > 1:
-        bad = acc.reduce(bad, "max")
-    return not bool(bad.item())
-
-
-def sync_unless(acc, model, last: bool):
-    """Gradient all-reduce only on a step's last backward (no_sync before it)."""
-    return contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)
-
-
 def micro_batches(examples: list[Example], cfg: Config) -> list[list[int]]:
     """The whole run's micro-batches (lists of example indices), fixed by the seed so a
     resumed run sees the same order from the same position."""
     lengths = [len(e) for e in examples]
     out = []
     for epoch in range(math.ceil(cfg.sft.epochs)):
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        g = seeds.generator(seeds.sft_epoch(cfg.seed, epoch))
         if cfg.sft.batching == "random":
             order = torch.randperm(len(lengths), generator=g).tolist()
             bs = cfg.sft.batch_size
@@ -135,7 +71,7 @@ def completion_loss(model, batch, reduction: str = "mean",
                     only_needed: bool = True) -> torch.Tensor:
     """Cross-entropy of the completion tokens (prompt and padding carry no loss);
     `only_needed=False` runs the LM head at every position (fast.completion_logits)."""
-    logits = modeling.completion_logits(model, batch, only_needed)          # (N, V)
+    logits = completion_logits(model, batch, only_needed)                 # (N, V)
     return F.cross_entropy(logits.float(), batch.targets, reduction=reduction)
 
 
@@ -147,8 +83,8 @@ def evaluate_loss(model, examples, tokenizer, batch_size: int, accelerator) -> f
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     total, count = 0.0, 0
     for s in range(0, len(order), batch_size):
-        batch = to_device(collate([examples[i] for i in order[s:s + batch_size]],
-                                  tokenizer.pad_token_id), accelerator.device)
+        batch = collate([examples[i] for i in order[s:s + batch_size]],
+                        tokenizer.pad_token_id).to(accelerator.device)
         with accelerator.autocast():
             total += completion_loss(model, batch, reduction="sum").item()
         count += len(batch.targets)
@@ -156,119 +92,103 @@ def evaluate_loss(model, examples, tokenizer, batch_size: int, accelerator) -> f
     return total / count
 
 
-def to_device(batch, device):
-    return type(batch)(*[t.to(device) if t is not None else None for t in batch])
+def step_passes(loop: TrainLoop, chunk: list, train: list, tokenizer, cfg: Config) -> tuple:
+    """One step's forward and backward passes over this process's share of `chunk` (the
+    step's micro-batches); returns (summed loss, tokens seen) over all processes."""
+    acc, model = loop.acc, loop.model
+    step_targets = sum(len(train[i].completion_ids) for ids in chunk for i in ids)
+    loss_sum, tokens = 0.0, 0
+    mine = dist.rank_share(chunk, acc.process_index, acc.num_processes)
+    for k, (ids, weight) in enumerate(mine):
+        batch = collate([train[i] for i in ids], tokenizer.pad_token_id,
+                        packed=cfg.sft.batching == "packed").to(acc.device)
+        # 2. loss on completion tokens only
+        with dist.sync_unless(acc, model, k == len(mine) - 1):
+            with acc.autocast():
+                loss = completion_loss(model, batch, "sum", cfg.fast.completion_logits)
+            if not dist.all_finite(acc, loss):
+                raise TrainingError("sft: non-finite loss")
+            # 3. backward: every completion token of the step weighs the same (the
+            # processes' gradients are averaged, hence the factor)
+            acc.backward(loss * (weight * acc.num_processes / step_targets))
+        loss_sum += weight * loss.item()
+        tokens += int(weight) * batch.num_tokens
+    if acc.num_processes > 1:  # the step's loss and tokens over all processes
+        loss_sum, tokens = acc.reduce(torch.tensor([loss_sum, float(tokens)],
+                                                   device=acc.device), "sum").tolist()
+        tokens = int(tokens)
+    return loss_sum / step_targets, tokens
+
+
+def _train(loop: TrainLoop, plan: list, train: list, tokenizer, cfg: Config) -> None:
+    per_step = cfg.sft.grad_accum * loop.acc.num_processes
+    while loop.step < loop.total:
+        t0 = time.perf_counter()
+        # 1. batch: this step's micro-batches, fixed by the plan
+        chunk = plan[loop.step * per_step:(loop.step + 1) * per_step]
+        (loss, tokens), grad_norm, lr = loop.run_step(
+            lambda: step_passes(loop, chunk, train, tokenizer, cfg))   # 2-4. passes, step
+        # 5. log and checkpoint
+        dt = time.perf_counter() - t0
+        loop.extra["train_seconds"] += dt
+        loop.extra["train_tokens"] += tokens
+        loop.log(dict(loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens / dt,
+                      tokens=tokens), loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if loop.checkpoint_due(loop.step, cfg.sft.checkpoint_every):
+            loop.save_checkpoint()
+
+
+def _summary(loop: TrainLoop, after: float, train: list, held_out: list, dtype) -> dict:
+    extra = loop.extra
+    return {
+        "eval_loss_before": extra["eval_loss_before"], "eval_loss_after": after,
+        "steps": loop.step, "train_examples": len(train), "eval_examples": len(held_out),
+        "train_tokens": extra["train_tokens"], "train_seconds": round(extra["train_seconds"], 2),
+        "tokens_per_s": round(extra["train_tokens"] / max(extra["train_seconds"], 1e-9), 1),
+        "precision": str(dtype).replace("torch.", ""), "device": str(loop.acc.device),
+        "processes": loop.acc.num_processes,
+    }
+
+
+def _loop(cfg: Config, acc, train: list) -> tuple[TrainLoop, list]:
+    """The frozen base + a fresh LoRA (only LoRA weights train), in the shared loop."""
+    base = load_base_model(cfg.model, acc.device)
+    check_context(cfg, base)
+    model = add_lora(base, cfg.lora, quantized=cfg.model.load_in_4bit)
+    plan = micro_batches(train, cfg)
+    # one optimizer step = grad_accum micro-batches on each of the processes
+    total = math.ceil(len(plan) / (cfg.sft.grad_accum * acc.num_processes))
+    if cfg.sft.max_steps > 0:
+        total = min(total, cfg.sft.max_steps)
+    return TrainLoop(cfg, "sft", cfg.sft, model, total, acc), plan
 
 
 def run(cfg: Config) -> dict:
     """Train the SFT adapter; returns the summary (also written to sft/summary.json)."""
-    out = cfg.run_dir / "sft"
-    if (out / "summary.json").is_file() and (out / "adapter").is_dir():
-        import json
-        print(f"sft: already finished in {out} "
-              "(--force trains again, keeping it until the new adapter is written)")
-        return json.loads((out / "summary.json").read_text())
+    done = finished("sft", cfg.run_dir / "sft", "summary.json", "adapter", "trains again",
+                    "adapter")
+    if done is not None:
+        return done
     rows = load_split_rows(cfg)
     torch.manual_seed(cfg.seed)
-    acc, dtype = setup_accelerator(cfg)
-    tokenizer = modeling.load_tokenizer(cfg.model)
+    acc, dtype = dist.setup_accelerator(cfg)
+    tokenizer = load_tokenizer(cfg.model)
     train, held_out = load_examples(cfg, rows, tokenizer)
-
-    # The model: frozen base + fresh LoRA. Only LoRA weights are trainable.
-    base = modeling.load_base_model(cfg.model, acc.device)
-    modeling.check_context(cfg, base)
-    model = modeling.add_lora(base, cfg.lora, quantized=cfg.model.load_in_4bit)
-    plan = micro_batches(train, cfg)
-    # one optimizer step = grad_accum micro-batches on each of the processes
-    per_step = cfg.sft.grad_accum * acc.num_processes
-    total_steps = math.ceil(len(plan) / per_step)
-    if cfg.sft.max_steps > 0:
-        total_steps = min(total_steps, cfg.sft.max_steps)
-    optimizer = build_optimizer(model, cfg.sft)
-    scheduler = build_scheduler(optimizer, cfg.sft, total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
-
-    ckpt_dir = out / "checkpoints"
-    step, extra = 0, {}
-    if (last := checkpoint.latest(ckpt_dir)) is not None:
-        step, extra = checkpoint.load(last, acc.unwrap_model(model), optimizer, scheduler)
-        print(f"sft: resuming from {last} (step {step} of {total_steps})")
-    if "eval_loss_before" not in extra:
-        extra["eval_loss_before"] = evaluate_loss(model, held_out, tokenizer,
-                                                  cfg.sft.eval_batch_size, acc)
-    metrics = MetricsLogger(cfg.run_dir, "sft", enabled=acc.is_main_process,
-                            resume_step=step if last is not None else -1)
-    if step == 0:
-        metrics.log(0, eval_loss=extra["eval_loss_before"])
-    extra.setdefault("train_seconds", 0.0)
-    extra.setdefault("train_tokens", 0)
-
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not acc.is_main_process)
-    while step < total_steps:
-        t0 = time.perf_counter()
-        # 1. batch: this step's micro-batches, fixed by the plan
-        chunk = plan[step * per_step:(step + 1) * per_step]
-        step_targets = sum(len(train[i].completion_ids) for ids in chunk for i in ids)
-        loss_sum, tokens = 0.0, 0
-        mine = rank_share(chunk, acc.process_index, acc.num_processes)
-        for k, (ids, weight) in enumerate(mine):
-            batch = to_device(collate([train[i] for i in ids], tokenizer.pad_token_id,
-                                      packed=cfg.sft.batching == "packed"), acc.device)
-            # 2. loss on completion tokens only
-            with sync_unless(acc, model, k == len(mine) - 1):
-                with acc.autocast():
-                    loss = completion_loss(model, batch, "sum", cfg.fast.completion_logits)
-                if not all_finite(acc, loss):
-                    raise TrainingError(f"sft: non-finite loss at step {step + 1}; the last "
-                                        f"good checkpoint is {checkpoint.latest(ckpt_dir)}")
-                # 3. backward: every completion token of the step weighs the same (the
-                # processes' gradients are averaged, hence the factor)
-                acc.backward(loss * (weight * acc.num_processes / step_targets))
-            loss_sum += weight * loss.item()
-            tokens += int(weight) * batch.num_tokens
-        if acc.num_processes > 1:  # the step's loss and tokens over all processes
-            loss_sum, tokens = acc.reduce(torch.tensor([loss_sum, float(tokens)],
-                                                       device=acc.device), "sum").tolist()
-            tokens = int(tokens)
-        # 4. clip and step
-        grad_norm, lr = optimizer_step(acc, model, optimizer, scheduler, cfg.sft.max_grad_norm)
-        step += 1
-        # 5. log and checkpoint
-        dt = time.perf_counter() - t0
-        extra["train_seconds"] += dt
-        extra["train_tokens"] += tokens
-        loss_value = loss_sum / step_targets
-        metrics.log(step, loss=loss_value, lr=lr, grad_norm=float(grad_norm),
-                    tokens_per_s=tokens / dt, tokens=tokens)
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
-        bar.update(1)
-        if cfg.sft.checkpoint_every and step % cfg.sft.checkpoint_every == 0 and step < total_steps:
-            if acc.is_main_process:
-                record_config(cfg, "sft")
-                checkpoint.save(ckpt_dir, step, acc.unwrap_model(model), optimizer, scheduler,
-                                extra, keep=cfg.sft.keep_checkpoints)
-            acc.wait_for_everyone()
-    bar.close()
-
-    # Held-out loss after, the adapter, the summary.
-    after = evaluate_loss(model, held_out, tokenizer, cfg.sft.eval_batch_size, acc)
-    metrics.log(step, eval_loss=after)
-    metrics.close()
-    summary = {
-        "eval_loss_before": extra["eval_loss_before"], "eval_loss_after": after,
-        "steps": step, "train_examples": len(train), "eval_examples": len(held_out),
-        "train_tokens": extra["train_tokens"], "train_seconds": round(extra["train_seconds"], 2),
-        "tokens_per_s": round(extra["train_tokens"] / max(extra["train_seconds"], 1e-9), 1),
-        "precision": str(dtype).replace("torch.", ""), "device": str(acc.device),
-        "processes": acc.num_processes,
-    }
-    if acc.is_main_process:
-        record_config(cfg, "sft")
-        modeling.save_adapter(acc.unwrap_model(model), tokenizer, out / "adapter")
-        atomic_write_json(out / "summary.json", summary)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    acc.wait_for_everyone()  # the adapter is on disk before any process reads it
+    loop, plan = _loop(cfg, acc, train)
+    bs = cfg.sft.eval_batch_size
+    if "eval_loss_before" not in loop.extra:
+        loop.extra["eval_loss_before"] = evaluate_loss(loop.model, held_out, tokenizer, bs, acc)
+    if loop.step == 0:
+        loop.metrics.log(0, eval_loss=loop.extra["eval_loss_before"])
+    loop.extra.setdefault("train_seconds", 0.0)
+    loop.extra.setdefault("train_tokens", 0)
+    loop.start()
+    _train(loop, plan, train, tokenizer, cfg)
+    loop.close_bar()
+    # held-out loss after, the adapter, the summary
+    after = evaluate_loss(loop.model, held_out, tokenizer, bs, acc)
+    summary = _summary(loop, after, train, held_out, dtype)
+    loop.finish(tokenizer, summary, dict(eval_loss=after))
     print(f"sft: held-out completion loss {summary['eval_loss_before']:.4f} -> {after:.4f}; "
-          f"{summary['tokens_per_s']} tokens/s; adapter in {out / 'adapter'}")
+          f"{summary['tokens_per_s']} tokens/s; adapter in {loop.out / 'adapter'}")
     return summary

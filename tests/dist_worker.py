@@ -12,7 +12,9 @@ from pathlib import Path
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from posttrain import modeling, pipeline, rl, sft
+from posttrain import modeling, pipeline, sft
+from posttrain.rl.trainer import Trainer
+from posttrain.train import dist
 from posttrain.config import load_config
 
 out = Path(sys.argv[1])
@@ -22,10 +24,10 @@ seen = {"sft": [], "rl": []}
 weights = {}
 
 
-def recording(stage, original):
-    def share(chunk, r, world):
+def recording(original):
+    def share(chunk, r, world):  # SFT shares lists of rows; RL, micro-batch numbers
         mine = original(chunk, r, world)
-        seen[stage].append([m for m, w in mine if w > 0])
+        seen["rl" if isinstance(chunk[0], int) else "sft"].append([m for m, w in mine if w > 0])
         return mine
     return share
 
@@ -35,8 +37,7 @@ def lora(model, adapter):
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-sft.rank_share = recording("sft", sft.rank_share)
-rl.rank_share = recording("rl", rl.rank_share)
+dist.rank_share = recording(dist.rank_share)
 evaluate_loss = sft.evaluate_loss
 
 
@@ -46,7 +47,7 @@ def last_eval(model, *a, **k):  # called after training with the trained model
 
 
 sft.evaluate_loss = last_eval
-finish = rl.Trainer.finish
+finish = Trainer.finish
 
 
 def finish_and_keep(self, **summary):
@@ -54,7 +55,7 @@ def finish_and_keep(self, **summary):
     return finish(self, **summary)
 
 
-rl.Trainer.finish = finish_and_keep
+Trainer.finish = finish_and_keep
 if os.environ.get("NAN_ON_RANK") == str(rank):  # this rank's loss turns NaN at its 3rd call
     real_loss, calls = sft.completion_loss, [0]
 

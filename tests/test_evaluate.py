@@ -69,7 +69,8 @@ def test_subreddit_parsed():
 
 def test_kl_of_an_unchanged_policy_is_zero(tiny_cfg, tmp_path):
     from posttrain import sft
-    from posttrain.generate import prompt_pool, sample_records
+    from posttrain.rollout.collect import sample_rollouts as sample_records
+    from posttrain.rollout.prompts import prompt_pool
 
     cfg = tiny_cfg("sft.max_steps=1", "data.max_train_rows=4")
     sft.run(cfg)
@@ -86,7 +87,7 @@ def test_kl_of_an_unchanged_policy_is_zero(tiny_cfg, tmp_path):
 def test_judge_rows_that_training_never_read(tiny_cfg):
     """generate.max_prompts bounds the prompts generate and online RL draw from;
     eval.skip_prompts starts the judged rows after them, on the same file."""
-    from posttrain.generate import heldout_rows, prompt_pool, train_prompt_pool
+    from posttrain.rollout.prompts import heldout_rows, prompt_pool, train_prompt_pool
 
     cfg = tiny_cfg("generate.max_prompts=5", "eval.models=[base]", "eval.prompts=sample",
                    "eval.prompts_split=train", "eval.skip_prompts=5", "eval.num_prompts=3",

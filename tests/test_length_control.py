@@ -8,7 +8,7 @@ import pytest
 from posttrain import pipeline
 from posttrain.config import ConfigError, DataConfig, load_config
 from posttrain.data import cue_rows, requested_length, round_length, with_length_cue
-from posttrain.generate import draw_targets
+from posttrain.rollout.prompts import draw_targets
 
 CUE = "TL;DR (about {length} characters):"
 

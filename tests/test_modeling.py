@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from posttrain import modeling
+from posttrain.model import load as model_load
 from posttrain.config import LoraConfig, ModelConfig, load_config
 from posttrain.data import collate, load_rows, tokenize_rows
 from posttrain.sft import completion_loss
@@ -11,7 +12,7 @@ from posttrain.sft import completion_loss
 
 def test_qlora_on_cpu_is_a_clear_error():
     with pytest.raises(modeling.ModelError, match="load_in_4bit=true.*needs a CUDA GPU"):
-        modeling._bnb_config(torch.device("cpu"))
+        model_load._bnb_config(torch.device("cpu"))
 
 
 def test_precision_choices():
@@ -76,7 +77,7 @@ def test_embedded_smollm2_loads_and_scores_a_tldr_prompt():
 
 @pytest.mark.slow
 def test_embedded_checksum_mismatch_is_refused(monkeypatch):
-    monkeypatch.setattr(modeling, "EMBEDDED_SHA256", "0" * 64)
+    monkeypatch.setattr(model_load, "EMBEDDED_SHA256", "0" * 64)
     with pytest.raises(modeling.ModelError, match="sha256.*does not match"):
         modeling.embedded_gguf()
 

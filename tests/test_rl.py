@@ -9,6 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import generate, modeling, objectives as O, rl, sft
+from posttrain.rl import credit, plan
+from posttrain.rollout.store import load_set
+from posttrain.train import checkpoint
+from posttrain.types import Rollout
 from posttrain.config import ConfigError
 from posttrain.data import DataError, Example, collate
 
@@ -43,16 +47,16 @@ def run_cfg(sft_run, tiny_cfg, tmp_path):
 def assert_resume_matches(cfg, ref_w, monkeypatch):
     """Kill `rl.run(cfg)` right after its first checkpoint, re-run it, and check the final
     RL adapter equals `ref_w` (the uninterrupted run's)."""
-    real_save = rl.checkpoint.save
+    real_save = checkpoint.save
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rl.checkpoint, "save", save_then_die)
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         rl.run(cfg)
-    monkeypatch.setattr(rl.checkpoint, "save", real_save)
+    monkeypatch.setattr(checkpoint, "save", real_save)
     rl.run(cfg)
     w = load_file(str(cfg.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
     for k in ref_w:
@@ -62,25 +66,25 @@ def assert_resume_matches(cfg, ref_w, monkeypatch):
 def test_generate_stores_pi_sft_logprobs_and_scores(run_cfg):
     cfg = run_cfg()
     stats = generate.run(cfg)
-    records, loaded = generate.load_set(cfg.run_dir, modeling.load_tokenizer(cfg.model))
+    records, loaded = load_set(cfg.run_dir, modeling.load_tokenizer(cfg.model))
     assert len(records) == 24 and loaded == stats
     for key in ("prompt", "completion", "completion_ids", "logprobs", "stop_logprobs", "ended_with_eos",
                 "truncated", "length_chars", "length_tokens", "score"):
-        assert key in records[0]
-    assert sum(r["score"] for r in records) == pytest.approx(0.0, abs=1e-6)
+        assert key in records[0].to_row()
+    assert sum(r.score for r in records) == pytest.approx(0.0, abs=1e-6)
     assert stats["length_chars"]["var"] == pytest.approx(stats["length_chars"]["std"] ** 2)
-    assert all(len(r["logprobs"]) == len(r["completion_ids"]) <= 12 for r in records)
+    assert all(len(r.logprobs) == len(r.completion_ids) <= 12 for r in records)
     # recompute the log-probs once with a plain forward pass of the SFT policy
     model = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
-    batch = collate([Example(tuple(r["prompt_ids"]), tuple(r["completion_ids"])) for r in records[:6]],
+    batch = collate([Example(tuple(r.prompt_ids), tuple(r.completion_ids)) for r in records[:6]],
                     modeling.load_tokenizer(cfg.model).pad_token_id)
     with torch.no_grad():
         lp = O.gather_logprobs(modeling.completion_logits(model, batch), batch.targets)
-    stored = torch.tensor([x for r in records[:6] for x in r["logprobs"]])
+    stored = torch.tensor([x for r in records[:6] for x in r.logprobs])
     torch.testing.assert_close(lp, stored, rtol=1e-4, atol=1e-4)
     _, lp_stop = O.target_and_stop_logprobs(modeling.completion_logits(model, batch).detach(),
                                             batch.targets, modeling.load_tokenizer(cfg.model).eos_token_id)
-    stored_stop = torch.tensor([x for r in records[:6] for x in r["stop_logprobs"]])
+    stored_stop = torch.tensor([x for r in records[:6] for x in r.stop_logprobs])
     torch.testing.assert_close(lp_stop, stored_stop, rtol=1e-4, atol=1e-4)
     # a second call finds the finished set
     assert generate.run(cfg) == stats
@@ -175,7 +179,7 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir
     from posttrain.config import FastConfig, ModelConfig
     model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
     params = [p.requires_grad_() for p in model.parameters()]
-    records = [{"prompt_ids": p, "completion_ids": c} for p, c in (
+    records = [Example(tuple(p), tuple(c)) for p, c in (
         ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
         ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]))]
     groups = [[0, 1], [2, 3]]
@@ -184,11 +188,12 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir
         for only in (True, False):
             for fused in (True, False):
                 fast = FastConfig(completion_logits=only, fused_logprobs=fused)
-                lp = rl.policy_logprobs(model, records, groups, 0, torch.device("cpu"), share,
-                                        fast=fast)
+                lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"),
+                                              share, fast=fast).tokens
                 out[share, only, fused] = (lp.detach(), torch.autograd.grad(lp.sum(), params))
-                lp_t, lp_s = rl.policy_logprobs(model, records, groups, 0, torch.device("cpu"),
-                                                share, stop_id=1, fast=fast)
+                lp_t, lp_s = modeling.policy_logprobs(model, records, groups, 0,
+                                                      torch.device("cpu"), share, stop_id=1,
+                                                      fast=fast)
                 torch.testing.assert_close(lp_t.detach(), lp.detach())
                 out[share, only, fused, "stop"] = lp_s.detach()
     first = out[True, True, True]
@@ -230,7 +235,7 @@ def test_group_advantages_with_sequence_aggregation(run_cfg):
     reward = torch.tensor([1.0, 0.0, 0.5, 0.5])
     lengths = torch.tensor([2, 1, 1, 3])
     group = torch.tensor([0, 0, 1, 1])
-    adv, w = rl.step_advantages(reward, lengths, group, cfg)
+    adv, w = credit.step_advantages(reward, lengths, group, cfg)
     torch.testing.assert_close(adv, torch.tensor([1.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(w, torch.tensor([1 / 8, 1 / 8, 1 / 4, 1 / 4, 1 / 12, 1 / 12, 1 / 12]))
     generate.run(cfg)
@@ -241,9 +246,9 @@ def test_group_advantages_with_sequence_aggregation(run_cfg):
 def test_stop_credit_mode_runs_and_moves_the_policy(run_cfg):
     cfg = run_cfg("rl.advantage=stop", "generate.max_new_tokens=8")
     generate.run(cfg)
-    records, _ = generate.load_set(cfg.run_dir, modeling.load_tokenizer(cfg.model))
-    prefixes = rl.prefix_lengths(records, modeling.load_tokenizer(cfg.model), "chars")
-    assert all(p[0] == 0 and len(p) == len(r["completion_ids"]) for p, r in zip(prefixes, records))
+    records, _ = load_set(cfg.run_dir, modeling.load_tokenizer(cfg.model))
+    prefixes = credit.prefix_lengths(records, modeling.load_tokenizer(cfg.model), "chars")
+    assert all(p[0] == 0 and len(p) == len(r.completion_ids) for p, r in zip(prefixes, records))
     assert all(p == sorted(p) for p in prefixes)
     summary = rl.run(cfg)
     rows = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -272,21 +277,21 @@ def test_a_set_without_completion_tokens_is_refused(run_cfg):
 
 
 def test_best_of_groups_keeps_each_groups_top_reward():
-    records = [{"group": g, "i": i} for i, g in enumerate([0, 0, 0, 1, 1, 2])]
+    from types import SimpleNamespace
+    records = [SimpleNamespace(group=g, i=i) for i, g in enumerate([0, 0, 0, 1, 1, 2])]
     reward = torch.tensor([0.1, 0.9, 0.5, -1.0, -0.5, 0.0])
-    kept, r = rl.best_of_groups(records, reward)
-    assert [x["i"] for x in kept] == [1, 4, 5]
+    kept, r = plan.best_of_groups(records, reward)
+    assert [x.i for x in kept] == [1, 4, 5]
     torch.testing.assert_close(r, torch.tensor([0.9, -0.5, 0.0]))
 
 
 def test_online_rounds_train_resume_and_log(run_cfg, tmp_path, monkeypatch):
-    from posttrain import online
     args = ("rl.mode=online", "rl.iterations=3", "rl.prompts_per_iteration=2",
             "generate.samples_per_prompt=3", "rl.batch_size=3", "rl.grad_accum=1",
             "rl.ppo_epochs=2", "rl.advantage=group", "rl.loss_agg=sequence",
             "rl.checkpoint_every=1", "rl.eval_every=0")
     ref = run_cfg(*args)
-    assert online.steps_per_round(ref) == 4                  # 2 groups of 3 -> 2 micro x 2 epochs
+    assert plan.steps_per_round(ref) == 4                  # 2 groups of 3 -> 2 micro x 2 epochs
     summary = rl.run(ref)                                    # no generated set needed
     assert not (ref.run_dir / "generate").exists()
     assert summary["steps"] == 12 and summary["rounds"] == 3
@@ -307,7 +312,7 @@ def test_online_rounds_train_resume_and_log(run_cfg, tmp_path, monkeypatch):
 
 
 def test_vllm_backend_is_a_clear_error_without_cuda_or_vllm(run_cfg):
-    from posttrain.vllm_backend import BackendError
+    from posttrain.rollout.vllm import BackendError
     cfg = run_cfg("generate.backend=vllm")
     with pytest.raises(BackendError, match="generate.backend=vllm needs a CUDA device"):
         generate.run(cfg)
@@ -317,7 +322,7 @@ def test_vllm_backend_is_a_clear_error_without_cuda_or_vllm(run_cfg):
 def test_vllm_backend_records_are_scored_by_the_sft_policy(run_cfg, monkeypatch):
     """With vLLM's sampling replaced by fixed completions, the stage writes the records the
     RL stage needs, their log-probs those of the SFT policy's own forward."""
-    from posttrain import vllm_backend
+    from posttrain.rollout import vllm as vllm_backend
     cfg = run_cfg("generate.backend=vllm", "generate.num_samples=8")
     tok = modeling.load_tokenizer(cfg.model)
     eos = tok.eos_token_id
@@ -339,21 +344,21 @@ def test_vllm_backend_records_are_scored_by_the_sft_policy(run_cfg, monkeypatch)
     cfg = run_cfg("generate.backend=vllm", "generate.num_samples=8",
                   "generate.samples_per_prompt=2")
     generate.run(cfg)
-    records, _ = generate.load_set(cfg.run_dir, tok)
+    records, _ = load_set(cfg.run_dir, tok)
     assert len(records) == 8
-    stopped = [r for r in records if r["ended_with_eos"]]
-    assert stopped and all(r["completion_ids"] == [5, 6, 7, eos] for r in stopped)
-    assert all(len(r["completion_ids"]) == 12 for r in records if not r["ended_with_eos"])
+    stopped = [r for r in records if r.ended_with_eos]
+    assert stopped and all(list(r.completion_ids) == [5, 6, 7, eos] for r in stopped)
+    assert all(len(r.completion_ids) == 12 for r in records if not r.ended_with_eos)
     model = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
-    batch = collate([Example(tuple(r["prompt_ids"]), tuple(r["completion_ids"]))
+    batch = collate([Example(tuple(r.prompt_ids), tuple(r.completion_ids))
                      for r in records], tok.pad_token_id)
     with torch.no_grad():
         logits = modeling.completion_logits(model, batch)
     lp, lp_stop = O.target_and_stop_logprobs(logits, batch.targets, eos)
-    torch.testing.assert_close(lp, torch.tensor([x for r in records for x in r["logprobs"]]),
+    torch.testing.assert_close(lp, torch.tensor([x for r in records for x in r.logprobs]),
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lp_stop, torch.tensor([x for r in records
-                                                      for x in r["stop_logprobs"]]),
+                                                      for x in r.stop_logprobs]),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -361,12 +366,12 @@ def test_step_baseline_compares_each_reward_with_the_whole_step(run_cfg):
     reward = torch.tensor([1.0, 0.0, 0.5, 0.5])
     lengths = torch.tensor([2, 1, 1, 3])
     group = torch.tensor([0, 0, 1, 1])
-    adv, _ = rl.step_advantages(reward, lengths, group, run_cfg("rl.advantage=group"))
+    adv, _ = credit.step_advantages(reward, lengths, group, run_cfg("rl.advantage=group"))
     torch.testing.assert_close(adv, torch.tensor([0.5, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0]))
     # the step's mean is 0.5: the second group, all at 0.5, gets no push either way, the
     # first keeps its spread; a group all above the step's mean is pushed up as a whole
     cfg = run_cfg("rl.advantage=group_stop", "rl.baseline=step")
-    adv, _ = rl.step_advantages(torch.tensor([1.0, 0.8, 0.2, 0.0]), lengths, group, cfg)
+    adv, _ = credit.step_advantages(torch.tensor([1.0, 0.8, 0.2, 0.0]), lengths, group, cfg)
     torch.testing.assert_close(adv, torch.tensor([0.5, 0.5, 0.3, -0.3, -0.5, -0.5, -0.5]))
 
 
@@ -380,19 +385,21 @@ def test_ending_aware_stop_credit_counts_only_clean_stops(run_cfg):
     for k, t in enumerate(texts):
         ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         body = tok.decode(ids[:-1], skip_special_tokens=True)
-        records.append({"completion_ids": ids, "completion": body, "truncated": False,
-                        "length_chars": len(body.strip()), "length_tokens": len(ids) - 1,
-                        "target": None})
-    reward, stop = rl.step_rewards(records, [10.0, 20.0, 30.0], tok, cfg)
+        records.append(Rollout(group=k, prompt="", prompt_ids=(1,), completion=body,
+                               completion_ids=tuple(ids), logprobs=(0.0,) * len(ids),
+                               stop_logprobs=(0.0,) * len(ids), ended_with_eos=True,
+                               truncated=False, length_chars=len(body.strip()),
+                               length_tokens=len(ids) - 1, target=None))
+    reward, stop = credit.step_rewards(records, [10.0, 20.0, 30.0], tok, cfg)
     assert reward[0].item() == -1.0 and reward[1].item() != -1.0     # "...Then I ran": abrupt
-    prefixes = rl.prefix_texts(records, tok)
+    prefixes = credit.prefix_texts(records, tok)
     for k, per in enumerate(prefixes):
         expected = [t.rstrip().endswith(".") for t in per]           # clean stops: after a "."
         assert stop.clean[k].tolist() == expected and any(expected)
         assert stop.counted[k].tolist() == expected
-        assert len(stop.reward[k]) == len(records[k]["completion_ids"])
+        assert len(stop.reward[k]) == len(records[k].completion_ids)
     # without the rule every position may stop, as before
-    _, plain = rl.step_rewards(records, [10.0, 20.0, 30.0], tok, run_cfg("rl.advantage=stop"))
+    _, plain = credit.step_rewards(records, [10.0, 20.0, 30.0], tok, run_cfg("rl.advantage=stop"))
     assert all(c.all() for c in plain.counted)
     assert [c.tolist() for c in plain.clean] == [c.tolist() for c in stop.clean]
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from posttrain import evaluate, generate, modeling, pipeline, rl, sft
 from posttrain.config import load_config
-from posttrain.generate import load_set
+from posttrain.rollout.store import load_set
 
 # enough steps and batches to kill in the middle of each stage
 ROBUST = ("data.max_train_rows=24", "sft.batch_size=2", "sft.max_steps=0", "sft.checkpoint_every=1",
@@ -93,9 +93,9 @@ def test_kill_9_mid_stage_then_resume_gives_the_uninterrupted_result(
     elif stage == "generate":
         tok = modeling.load_tokenizer(cfg.model)
         mine, theirs = load_set(out, tok)[0], load_set(ref, tok)[0]
-        assert [r["completion_ids"] for r in mine] == [r["completion_ids"] for r in theirs]
-        torch.testing.assert_close(torch.tensor([x for r in mine for x in r["logprobs"]]),
-                                   torch.tensor([x for r in theirs for x in r["logprobs"]]))
+        assert [r.completion_ids for r in mine] == [r.completion_ids for r in theirs]
+        torch.testing.assert_close(torch.tensor([x for r in mine for x in r.logprobs]),
+                                   torch.tensor([x for r in theirs for x in r.logprobs]))
     else:
         def samples(run):
             return [(s["model"], s["prompt_index"], s["completion"]) for s in map(
@@ -168,13 +168,21 @@ def test_settings_past_the_models_context_are_refused(tiny_cfg):
 def test_no_pickle_loads_or_remote_code_by_default():
     """Every torch.load passes weights_only=True; weights load from safetensors; model code
     from the Hub runs only when model.trust_remote_code is set."""
+    import posttrain
     from posttrain.config import Config
     assert Config().model.trust_remote_code is False
-    src = Path(sft.__file__).parent
-    for f in src.glob("*.py"):
+    src = Path(posttrain.__file__).parent
+    scanned = []
+    for f in sorted(src.rglob("*.py")):                    # subpackages included
+        name = f.relative_to(src).as_posix()
         text = f.read_text()
         for call in re.findall(r"torch\.load\(.*", text):
-            assert "weights_only=True" in call, f"{f.name}: {call}"
-        assert "trust_remote_code=True" not in text, f.name
-        assert "pickle" not in text, f.name
-    assert "use_safetensors=True" in (src / "modeling.py").read_text()
+            assert "weights_only=True" in call, f"{name}: {call}"
+        assert "trust_remote_code=True" not in text, name
+        assert "pickle" not in text, name
+        scanned.append(f)
+    assert len(scanned) == len(list(src.rglob("*.py"))) > 0
+    if any(d.is_dir() and any(d.rglob("*.py")) for d in src.iterdir()):   # subpackages exist
+        assert any(f.parent != src for f in scanned), "no file inside a subpackage was scanned"
+    loader = sys.modules[modeling.load_base_model.__module__]   # wherever the loading lives
+    assert "use_safetensors=True" in Path(loader.__file__).read_text()

@@ -3,7 +3,8 @@ policy as the adapters it merges (and leaves the trained model as it was)."""
 import pytest
 import torch
 
-from posttrain import modeling, sampling
+from posttrain import modeling
+from posttrain.rollout import hf as sampling
 
 
 def test_draw_follows_the_probabilities_and_skips_zero_mass():

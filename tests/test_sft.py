@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import modeling, sft
+from posttrain.metrics import MetricsLogger
 from posttrain.data import Example, collate, load_rows, tokenize_rows
 
 
@@ -93,19 +94,19 @@ def test_resume_continues_the_same_schedule(tiny_cfg, monkeypatch):
     ref_weights = load_file(str(tiny_cfg().run_dir.parent / "run-ref/sft/adapter/adapter_model.safetensors"))
 
     cfg = tiny_cfg("sft.epochs=2")
-    real_log = sft.MetricsLogger.log
+    real_log = MetricsLogger.log
 
     def log_then_die(self, step, **values):
         real_log(self, step, **values)
         if step == 5 and "loss" in values:   # killed after step 5, past the step-4 checkpoint
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sft.MetricsLogger, "log", log_then_die)
+    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
     with pytest.raises(KeyboardInterrupt):
         sft.run(cfg)
     assert (cfg.run_dir / "sft" / "checkpoints" / "step_4" / "state.pt").is_file()
     assert not (cfg.run_dir / "sft" / "adapter").exists()
-    monkeypatch.setattr(sft.MetricsLogger, "log", real_log)
+    monkeypatch.setattr(MetricsLogger, "log", real_log)
     resumed = sft.run(cfg)
     assert resumed["steps"] == reference["steps"]
     weights = load_file(str(cfg.run_dir / "sft" / "adapter" / "adapter_model.safetensors"))

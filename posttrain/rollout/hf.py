@@ -1,4 +1,5 @@
-"""Sampling with one shared prompt pass, recording the policy's log-probabilities.
+"""posttrain's sampler (`generate.backend: hf`): one shared prompt pass per group,
+recording the policy's log-probabilities.
 
 Each prompt is encoded once (left-padded, KV cache on); the cache is then repeated G times
 so the G completions of a prompt share that pass. Rows that have produced EOS leave the
@@ -8,34 +9,10 @@ own distribution (temperature 1), which is what the RL ratio and KL need.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class Sample:
-    """One sampled completion of prompt `prompt_index`.
-
-    token_ids:      the sampled tokens, EOS included when the sample ended with it
-    logprobs:       log pi(token) under the sampling model at temperature 1, one per token
-    stop_logprobs:  log pi(EOS) at the same positions (what stopping there was worth to it)
-    """
-    prompt_index: int
-    token_ids: tuple
-    logprobs: tuple
-    stop_logprobs: tuple
-    ended_with_eos: bool
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
+from posttrain.model.forward import left_pad
+from posttrain.types import Sample
 
 
 def _next_token_dist(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -54,7 +31,8 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     per row (torch.multinomial draws an exponential per vocabulary entry, ~8x slower here)."""
     cdf = probs.cumsum(-1)                                                       # (n, V)
     u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return pick.clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -64,7 +42,7 @@ def sample(model, prompts: list[list[int]], group_size: int, max_new_tokens: int
     """Sample `group_size` completions for each prompt; returns them prompt by prompt."""
     device = generator.device
     # 1. one prompt pass for the whole batch, logits at the last position only
-    ids, mask = _left_pad(prompts, pad_id, device)
+    ids, mask = left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+from posttrain.model.forward import policy_logprobs
+from posttrain.rollout.collect import rollouts_of
+from posttrain.types import Example, Sample
+
 
 class BackendError(RuntimeError):
     """The requested generation backend cannot run here; the message says why."""
@@ -52,13 +56,9 @@ class VLLMSampler:
                                  params, lora_request=self.lora, use_tqdm=False)
         return rows_of(outs, eos_id)
 
-
-    def records(self, policy, tokenizer, texts, prompts, cfg, seed: int, targets=None):
+    def rollouts(self, policy, tokenizer, texts, prompts, cfg, seed: int, targets=None):
         """Sample a batch with vLLM, score it under `policy` (our SFT model), and return
-        the records the HF backend would write for it."""
-        from posttrain.generate import records_of
-        from posttrain.sampling import Sample
-
+        the Rollouts the HF backend would give for it."""
         g = cfg.generate
         rows = self.sample(prompts, g.samples_per_prompt, g.max_new_tokens,
                            tokenizer.eos_token_id, g.temperature, g.top_p, seed)
@@ -67,7 +67,7 @@ class VLLMSampler:
                        device, g.samples_per_prompt)
         samples = [Sample(k, tuple(ids), tuple(lp), tuple(ls), ended)
                    for (k, ids, ended), (lp, ls) in zip(rows, scores)]
-        return records_of(samples, tokenizer, texts, prompts, targets)
+        return rollouts_of(samples, tokenizer, texts, prompts, targets)
 
 
 def rows_of(outs, eos_id: int) -> list[tuple[int, list[int], bool]]:
@@ -87,15 +87,13 @@ def rows_of(outs, eos_id: int) -> list[tuple[int, list[int], bool]]:
 def score(policy, rows, prompts: list[list[int]], pad_id: int, eos_id: int, device,
           group: int, batch: int = 8) -> list[tuple[list[float], list[float]]]:
     """log pi(token) and log pi(EOS) at every completion position, under `policy`."""
-    from posttrain.rl import policy_logprobs
-
-    records = [{"prompt_ids": prompts[k], "completion_ids": ids} for k, ids, _ in rows]
+    records = [Example(tuple(prompts[k]), tuple(ids)) for k, ids, _ in rows]
     out = []
     for s in range(0, len(records), group * batch):
         groups = [list(range(i, min(i + group, len(records))))
                   for i in range(s, min(s + group * batch, len(records)), group)]
         lp, lp_stop = policy_logprobs(policy, records, groups, pad_id, device, True, eos_id)
-        sizes = [len(records[i]["completion_ids"]) for g in groups for i in g]
+        sizes = [len(records[i].completion_ids) for g in groups for i in g]
         out += list(zip([x.tolist() for x in lp.float().split(sizes)],
                         [x.tolist() for x in lp_stop.float().split(sizes)]))
     return out

@@ -1,11 +1,16 @@
-"""Resumable training checkpoints: LoRA weights, optimizer, scheduler, RNG and position.
+"""Resumable training checkpoints: LoRA weights, optimizer, scheduler, each process's RNG
+state and the position.
 
 A checkpoint is a folder `step_<N>` written under a temporary name and renamed when
 complete, so a killed job never leaves a half-written checkpoint that looks finished.
-Everything is read back with safetensors or `torch.load(weights_only=True)`.
+Everything is read back with safetensors or `torch.load(weights_only=True)`. `state.pt`
+keeps the main process's RNG state under its old keys (checkpoints made before the
+per-process states load as they did) and every process's under `rng`, by rank.
 """
 from __future__ import annotations
 
+import ast
+import json
 import random
 import re
 import shutil
@@ -16,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from posttrain.io import atomic_dir, atomic_write_json
+from posttrain.train.dist import rng_state
 
 _STEP = re.compile(r"^step_(\d+)$")
 
@@ -30,23 +36,20 @@ def latest(ckpt_dir: Path) -> Optional[Path]:
 
 
 def save(ckpt_dir: Path, step: int, model, optimizer, scheduler, extra: dict,
-         keep: int = 2, adapter: str = "default") -> Path:
-    """Write checkpoint `step_<step>` and prune all but the `keep` newest."""
-    from peft import get_peft_model_state_dict
+         keep: int = 2, adapter: str = "default", rng: Optional[list] = None) -> Path:
+    """Write checkpoint `step_<step>` and prune all but the `keep` newest. `rng`: every
+    process's random state (train.dist.rng_state), by rank; None: this process's."""
+    from peft import get_peft_model_state_dict  # heavy: peft imports transformers
 
+    rng = rng if rng is not None else [rng_state()]
     path = Path(ckpt_dir) / f"step_{step}"
     with atomic_dir(path) as tmp:
         weights = {k: v.detach().cpu().contiguous()
                    for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
         save_file(weights, str(tmp / "adapter.safetensors"))
-        torch.save({
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python_rng": repr(random.getstate()),
-        }, tmp / "state.pt")
+        torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    **rng[0], "rng": rng}, tmp / "state.pt")
         atomic_write_json(tmp / "extra.json", extra)
     old = sorted((int(m.group(1)), p) for p in Path(ckpt_dir).iterdir()
                  if (m := _STEP.match(p.name)))
@@ -55,12 +58,21 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler, extra: dict,
     return path
 
 
-def load(path: Path, model, optimizer, scheduler, adapter: str = "default") -> tuple[int, dict]:
-    """Restore a checkpoint into the live objects; returns (step, extra)."""
-    import ast
-    import json
+def _restore_rng(state: dict, rank: int) -> None:
+    """This process's own random state, or (a checkpoint from before per-process states,
+    or from fewer processes) the main process's."""
+    per_rank = state.get("rng") or []
+    mine = per_rank[rank] if rank < len(per_rank) else state
+    torch.set_rng_state(mine["torch_rng"])
+    if mine["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda_rng"])
+    random.setstate(_tuples(ast.literal_eval(mine["python_rng"])))
 
-    from peft import set_peft_model_state_dict
+
+def load(path: Path, model, optimizer, scheduler, adapter: str = "default",
+         rank: int = 0) -> tuple[int, dict]:
+    """Restore a checkpoint into the live objects; returns (step, extra)."""
+    from peft import set_peft_model_state_dict  # heavy: peft imports transformers
 
     set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter.safetensors")),
                               adapter_name=adapter)
@@ -68,10 +80,7 @@ def load(path: Path, model, optimizer, scheduler, adapter: str = "default") -> t
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    random.setstate(_tuples(ast.literal_eval(state["python_rng"])))
+    _restore_rng(state, rank)
     return state["step"], json.loads((Path(path) / "extra.json").read_text())
 
 

@@ -1,0 +1,25 @@
+"""Typed configuration: dataclass defaults, then a YAML file, then `key=value` overrides.
+
+Every field carries a docstring (the string literal under it); `posttrain <stage> --help`
+prints them. Configs are frozen once loaded: sizes that follow from other fields are
+properties, never written back.
+
+The package: the schema (schema.py: Config; its sections in sections.py, sampling.py and
+rl.py; base.py: ConfigError, the checks, OptimConfig), loading (load.py) and the `--help`
+text (help.py). Writing a stage's config and environment is posttrain.provenance's job.
+"""
+from posttrain.config.help import describe, field_docs
+from posttrain.config.load import (BUNDLED, _check_shapes, _describe_error, _merge,
+                                   bundled_configs, load_config, resolve_config_path,
+                                   to_yaml)
+from posttrain.config.schema import (DEFAULTS, Config, ConfigError, DataConfig, EvalConfig,
+                                     FastConfig, GenerateConfig, LoraConfig, ModelConfig,
+                                     OptimConfig, RewardConfig, RLAdvantage, RLConfig,
+                                     RLHeldOut, RLKL, RLOffline, RLOnline, RLOptim, RLRun,
+                                     SFTConfig, _choice, _positive)
+
+__all__ = ["BUNDLED", "DEFAULTS", "Config", "ConfigError", "DataConfig", "EvalConfig",
+           "FastConfig", "GenerateConfig", "LoraConfig", "ModelConfig", "OptimConfig",
+           "RLAdvantage", "RLConfig", "RLHeldOut", "RLKL", "RLOffline", "RLOnline", "RLOptim",
+           "RLRun", "RewardConfig", "SFTConfig", "bundled_configs", "describe", "field_docs",
+           "load_config", "resolve_config_path", "to_yaml"]

@@ -1,0 +1,205 @@
+"""The `rl` config section. Its keys stay flat (`rl.iterations`, `rl.max_lr`, ...), but the
+schema is built from parts, one dataclass each with its fields, docstrings and checks:
+RLRun (the PPO step), RLOnline, RLOffline, RLOptim (OptimConfig with RL's defaults),
+RLAdvantage, RLKL and RLHeldOut. RLConfig inherits them all and runs their checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from posttrain.config.base import ConfigError, OptimConfig, _choice, _positive
+
+
+@dataclass(frozen=True)
+class RLRun:
+    """Which RL runs, and the shape of its optimizer steps and PPO loss."""
+    mode: str = "offline"
+    """`offline`: the seed's method, PPO-style passes over the generated set (samples of the
+    SFT policy). `online`: each iteration samples from the current policy
+    (generate.samples_per_prompt per prompt, generate's sampling settings), scores the
+    samples and takes PPO steps on them; the ratio is against the sampling policy, the KL
+    against the frozen SFT model (the same weights with the RL adapter off)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 means run `epochs`."""
+    batch_size: int = 8
+    """Samples per micro-batch, rounded down to whole prompt groups (at least one group)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Advantages are whitened over one step's samples."""
+    lora_dropout: float = 0.0
+    """Dropout on the RL adapter's input. 0 keeps the policy deterministic, so the PPO ratio
+    measures the update and not dropout noise (and the step is ~30% faster on CPU); the
+    seed's config sets 0.1 (lora.dropout is the SFT adapter's)."""
+    share_prompt: bool = True
+    """Run each prompt once for all its samples in a training step (exact: gradients flow
+    through the shared cache). false runs every sample with its own copy of the prompt."""
+    loss_agg: str = "token"
+    """`token`: the loss is averaged over all completion tokens of the step (the seed).
+    `sequence`: averaged within each sample, then over samples."""
+    clip_eps: float = 0.3
+    """PPO clip range epsilon: the ratio is clipped to [1 - eps, 1 + eps]."""
+
+    def _check_run(self) -> None:
+        _choice(self.mode, "rl.mode", ("offline", "online"))
+        _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence"))
+        for name in ("batch_size", "grad_accum", "clip_eps"):
+            _positive(getattr(self, name), f"rl.{name}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"rl.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if not 0 < self.clip_eps < 1:
+            raise ConfigError(f"rl.clip_eps={self.clip_eps!r} must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class RLOnline:
+    """rl.mode=online: the sampling rounds."""
+    iterations: int = 16
+    """online: sampling rounds."""
+    prompts_per_iteration: int = 8
+    """online: prompts drawn (with replacement, seeded) per round from generate.prompts (or
+    data.train); each gets generate.samples_per_prompt samples."""
+    ppo_epochs: int = 1
+    """online: passes over each round's samples (each pass is one or more optimizer steps of
+    batch_size x grad_accum samples)."""
+
+    def _check_online(self) -> None:
+        for name in ("iterations", "prompts_per_iteration", "ppo_epochs"):
+            _positive(getattr(self, name), f"rl.{name}")
+
+
+@dataclass(frozen=True)
+class RLOffline:
+    """rl.mode=offline: the passes over the generated set."""
+    epochs: float = 1.0
+    """offline: passes over the generated set."""
+
+    def _check_offline(self) -> None:
+        _positive(self.epochs, "rl.epochs")
+
+
+@dataclass(frozen=True)
+class RLOptim(OptimConfig):
+    """The optimizer, with RL's defaults and docstrings."""
+
+    _section = "rl"
+    max_lr: float = 3e-5
+    """Peak learning rate."""
+    min_lr: float = 3e-6
+    """Learning rate at the end of the cosine decay."""
+    warmup_ratio: float = 0.1
+    """Share of steps in linear warmup."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on >= 2-D parameters."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables."""
+
+
+@dataclass(frozen=True)
+class RLAdvantage:
+    """How a sample's reward becomes the advantage each of its tokens is trained with."""
+    advantage: str = "seed"
+    """`seed`: reward / completion tokens on every token, whitened over the step's tokens and
+    clamped. `group`: reward minus the mean reward of the samples of the same prompt (one
+    value for all of a sample's tokens), divided by the group's std if `group_std`. `stop`:
+    counterfactual credit for the stop decision at every position (the reward had the sample
+    stopped there, minus the reward it got), applied to the policy's EOS probability.
+    `best_of_n`: keep only the highest-reward sample of each prompt group and raise its
+    likelihood (advantage 1, PPO-clipped): distilling best-of-G sampling. `group_stop`: both
+    `group` on every token and `stop` (scaled by `stop_weight`) in one loss. With
+    reward.ending set, the stop credit counts only positions where stopping would end
+    cleanly (stopping mid-sentence has no counterfactual: the group term punishes it)."""
+    group_std: bool = False
+    """With advantage=group or group_stop: divide by the group's reward std (GRPO) or not
+    (Dr. GRPO)."""
+    stop_weight: float = 1.0
+    """With advantage=group_stop: the weight of the stop credit beside the group term."""
+    credit: str = "all"
+    """With advantage=group_stop: the tokens the group term's policy loss trains. `all`:
+    every completion token. `decisions`: only the tokens where the sample could have
+    stopped cleanly (after closing punctuation: go on, or stop) and its EOS, with the same
+    total weight; the words in between keep only the KL term, so the length moves without
+    rewriting the content. The KL term stays on every token."""
+    baseline: str = "group"
+    """With advantage=group or group_stop, what a reward is compared with: `group`, the mean
+    reward of the same prompt's samples (GRPO), or `step`, the mean over the optimizer
+    step's samples (all prompts). A group baseline cannot see a prompt whose samples are all
+    too long or all too short, so it leaves the between-prompt part of the length spread
+    alone; `step` pushes on it too (the length target is the same for every prompt)."""
+    adv_clamp: float = 3.0
+    """Whitened advantages are clamped to [-adv_clamp, adv_clamp]."""
+
+    def _check_advantage(self) -> None:
+        _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "group_stop",
+                                                  "best_of_n"))
+        _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
+        _choice(self.baseline, "rl.baseline", ("group", "step"))
+        _choice(self.credit, "rl.credit", ("all", "decisions"))
+        if self.credit == "decisions" and self.advantage != "group_stop":
+            raise ConfigError("rl.credit=decisions needs rl.advantage=group_stop (set "
+                              "rl.stop_weight=0 for the group term alone)")
+        _positive(self.adv_clamp, "rl.adv_clamp")
+
+
+@dataclass(frozen=True)
+class RLKL:
+    """The KL penalty against the frozen SFT policy."""
+    kl_control: str = "fixed"
+    """`fixed`: beta stays `beta`. `adaptive`: a proportional controller steers the per-token
+    KL to the best-of-N target log N - (N-1)/N."""
+    beta: float = 0.01
+    """KL coefficient (the start value when adaptive)."""
+    best_of_n: int = 3
+    """N of the best-of-N KL target (N=3 gives 0.432 nats per token)."""
+    kl_horizon: int = 100
+    """Adaptive controller horizon in steps: larger moves beta more slowly."""
+
+    def _check_kl(self) -> None:
+        _choice(self.kl_control, "rl.kl_control", ("fixed", "adaptive"))
+        for name in ("best_of_n", "kl_horizon"):
+            _positive(getattr(self, name), f"rl.{name}")
+        _positive(self.beta, "rl.beta", allow_zero=self.kl_control == "fixed")
+
+
+@dataclass(frozen=True)
+class RLHeldOut:
+    """The periodic held-out evaluation during RL."""
+    eval_every: int = 0
+    """Sample on held-out prompts every this many steps and log the length mean and std
+    (0: only before and after training)."""
+    eval_prompts: int = 16
+    """Held-out prompts (from data.eval) sampled at each periodic evaluation."""
+    eval_samples_per_prompt: int = 2
+    """Samples per held-out prompt at each periodic evaluation."""
+
+    def _check_held_out(self) -> None:
+        for name in ("eval_prompts", "eval_samples_per_prompt"):
+            _positive(getattr(self, name), f"rl.{name}")
+        _positive(self.eval_every, "rl.eval_every", allow_zero=True)
+
+
+# A dataclass lays out its bases' fields from the last base to the first, then its own:
+# the bases are listed in reverse so that `--help` and the YAML read RLRun's fields first.
+@dataclass(frozen=True)
+class RLConfig(RLHeldOut, RLKL, RLAdvantage, RLOptim, RLOffline, RLOnline, RLRun):
+    """The `rl` section: every part's fields as flat keys (rl.iterations, rl.max_lr, ...).
+    rl.target_range is checked by Config, beside the data.length_cue it goes with."""
+    target_range: Optional[list] = None
+    """With length-conditioned prompts (data.length_cue): [min, max] lengths; each prompt RL
+    trains on asks for one drawn uniformly from this range, and the reward is centred on it."""
+    checkpoint_every: int = 20
+    """Save a resumable checkpoint every this many steps; 0 disables."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+
+    def __post_init__(self):
+        self._check_run()
+        self._check_kl()
+        self._check_online()
+        if self.mode == "online" and self.advantage == "best_of_n":
+            raise ConfigError("rl.advantage=best_of_n is for offline mode (it distils a fixed "
+                              "set); use seed, group or stop with rl.mode=online")
+        self._check_advantage()
+        self._check_offline()
+        self._check_held_out()
+        _positive(self.keep_checkpoints, "rl.keep_checkpoints")
+        self._check_optim()
+        _positive(self.checkpoint_every, "rl.checkpoint_every", allow_zero=True)

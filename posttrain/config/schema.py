@@ -1,0 +1,69 @@
+"""The config schema: the top-level Config (here) and its sections, one frozen dataclass each
+(sections.py, sampling.py, rl.py, on what base.py holds: ConfigError, the checks,
+OptimConfig). Every field carries a docstring (the string literal under it); `posttrain
+<stage> --help` prints them. Sizes that follow from other fields are properties, never
+written back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.config.base import ConfigError, OptimConfig, _choice, _positive
+from posttrain.config.rl import (RLAdvantage, RLConfig, RLHeldOut, RLKL, RLOffline, RLOnline,
+                                 RLOptim, RLRun)
+from posttrain.config.sampling import EvalConfig, GenerateConfig
+from posttrain.config.sections import (DataConfig, FastConfig, LoraConfig, ModelConfig,
+                                       RewardConfig, SFTConfig)
+
+__all__ = ["DEFAULTS", "Config", "ConfigError", "DataConfig", "EvalConfig", "FastConfig",
+           "GenerateConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RLAdvantage",
+           "RLConfig", "RLHeldOut", "RLKL", "RLOffline", "RLOnline", "RLOptim", "RLRun",
+           "RewardConfig", "SFTConfig", "_choice", "_positive"]
+
+DEFAULTS = "defaults"
+"""`--config defaults`: no file, the dataclass defaults (the seed's method)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    out_dir: str = "runs/default"
+    """Run directory: every stage reads its inputs from here and writes its outputs here."""
+    seed: int = 42
+    """Seed for data order, dropout and sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
+
+    def __post_init__(self):
+        if (self.reward.name == "target_length" and self.reward.target is None
+                and self.data.length_cue is None):
+            raise ConfigError("reward.name=target_length needs reward.target (a length in "
+                              "reward.unit), or length-conditioned prompts (data.length_cue)")
+        r = self.rl.target_range
+        if r is not None and (len(r) != 2 or not 0 < r[0] <= r[1]):
+            raise ConfigError(f"rl.target_range={list(r)!r}: expected [min, max] with "
+                              "0 < min <= max")
+        if self.data.length_cue is not None and r is None:
+            raise ConfigError("data.length_cue is set: rl.target_range=[min,max] must say "
+                              "which lengths RL asks for")
+        if self.data.length_cue is None:
+            unused = [k for k, v in (("eval.targets", list(self.eval.targets)),
+                                     ("generate.target", self.generate.target),
+                                     ("rl.target_range", r)) if v]
+            if unused:
+                raise ConfigError(f"{unused[0]} is set but data.length_cue is not: it applies "
+                                  "only to length-conditioned prompts (set data.length_cue, "
+                                  f"e.g. 'TL;DR (about {{length}} characters):', or drop "
+                                  f"{unused[0]})")
+        if self.data.length_cue is not None and self.reward.unit != "chars":
+            raise ConfigError("data.length_cue asks for characters: use reward.unit=chars")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir)

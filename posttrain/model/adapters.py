@@ -1,0 +1,132 @@
+"""LoRA adapters on the frozen base: fresh ones for SFT, the SFT + RL policy (one model,
+two adapters: with the RL adapter off it is the frozen SFT policy), saving and loading
+them, and the merged copy the samplers run."""
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from posttrain.config import LoraConfig
+from posttrain.io import atomic_dir
+from posttrain.model.load import ModelError, autocast, check_context, load_base_model
+
+
+def _peft_config(cfg: LoraConfig, dropout: float | None = None):
+    from peft import LoraConfig as PeftLoraConfig
+
+    dropout = cfg.dropout if dropout is None else dropout
+    return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=dropout,
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+
+
+def add_lora(model, cfg: LoraConfig, quantized: bool = False):
+    """Wrap `model` with fresh, trainable LoRA adapters (peft)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        return get_peft_model(model, _peft_config(cfg))
+    except ValueError as e:
+        raise ModelError(f"lora.target_modules={list(cfg.target_modules)}: {e}") from e
+
+
+def load_adapter(model, path: Path, trainable: bool = False, name: str = "default"):
+    """Load a saved peft adapter onto `model`; refuses one made for another base model."""
+    from peft import PeftModel
+
+    cfg_file = Path(path) / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"{path}: no adapter_config.json; not a saved adapter")
+    saved = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    ours = getattr(model.config, "name_or_path", None)
+    if saved and ours and saved != ours and not (Path(saved).is_dir() and Path(ours).is_dir()
+                                                 and Path(saved).name == Path(ours).name):
+        raise ModelError(f"{path}: adapter was trained on {saved!r}, not on {ours!r}")
+    return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
+
+
+def save_adapter(model, tokenizer, path: Path, adapter: str | None = None) -> None:
+    """Save the LoRA weights (one named adapter, or all) and the tokenizer, atomically."""
+    with atomic_dir(Path(path)) as tmp:
+        if adapter is None:
+            model.save_pretrained(tmp)
+        else:  # peft writes a non-default adapter into a subfolder of its name
+            model.save_pretrained(tmp, selected_adapters=[adapter])
+            for f in (tmp / adapter).iterdir():
+                f.rename(tmp / f.name)
+            (tmp / adapter).rmdir()
+        tokenizer.save_pretrained(tmp)
+
+
+# ---------------------------------------------------------------- SFT + RL policy
+SFT, RL = "sft", "rl"
+
+
+def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None = None):
+    """The SFT model (base + frozen SFT adapter), plus an RL adapter on top when `rl` is a
+    saved adapter's folder or "new" (fresh LoRA: the policy starts equal to the SFT model).
+    With the RL adapter disabled (`sft_only`) the same weights are the frozen SFT policy, so
+    no second model is held in memory."""
+    if not (Path(sft_dir) / "adapter_config.json").is_file():
+        raise ModelError(f"{sft_dir}: no SFT adapter; run `posttrain sft` first")
+    base = load_base_model(cfg.model, device)
+    check_context(cfg, base)
+    model = load_adapter(base, sft_dir, trainable=False, name=SFT)
+    # The SFT adapter is frozen: no dropout on it even in train mode, or pi_sft would be
+    # noisy in the ratio and the KL.
+    for module in model.modules():
+        dropout = getattr(module, "lora_dropout", None)
+        if isinstance(dropout, torch.nn.ModuleDict) and SFT in dropout:
+            dropout[SFT] = torch.nn.Identity()
+    if rl is None:
+        return model
+    if rl == "new":
+        model.add_adapter(RL, _peft_config(cfg.lora, cfg.rl.lora_dropout))
+    else:
+        model.load_adapter(str(rl), adapter_name=RL, is_trainable=True)
+    _activate(model, (SFT, RL))
+    return model
+
+
+def _activate(model, adapters: tuple) -> None:
+    """Make `adapters` active together; only the RL adapter's weights train."""
+    model.base_model.set_adapter(list(adapters) if len(adapters) > 1 else adapters[0])
+    for name, p in model.named_parameters():
+        p.requires_grad = f".{RL}." in name
+
+
+@contextmanager
+def sft_only(model):
+    """Run the policy with its RL adapter disabled: the frozen SFT model."""
+    _activate(model, (SFT,))
+    try:
+        yield model
+    finally:
+        _activate(model, (SFT, RL))
+
+
+@contextmanager
+def sampler(model, cfg, device: torch.device, dtype: torch.dtype):
+    """Yield the model to sample from, as it is now (active adapters, or all disabled).
+    With `model.merged_sampling` (and no 4-bit base): a copy with the active LoRA adapters
+    merged into its weights and cast to `dtype`, run without autocast (no per-call weight
+    casts, no adapter matmuls). Otherwise `model` itself under autocast."""
+    if not cfg.merged_sampling or cfg.load_in_4bit:
+        with autocast(device, dtype):
+            yield model
+        return
+    fast = copy.deepcopy(model)
+    if hasattr(fast, "merge_and_unload"):
+        disabled = any(getattr(m, "disable_adapters", False) for m in fast.modules()
+                       if hasattr(m, "lora_A"))
+        fast = fast.unload() if disabled else fast.merge_and_unload()
+    fast = fast.to(dtype).eval()
+    try:
+        yield fast
+    finally:
+        del fast

@@ -1,0 +1,60 @@
+"""What made a stage's outputs: the resolved config and the environment (package versions,
+the posttrain git commit, Python, the device), written beside them."""
+from __future__ import annotations
+
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from posttrain.config import Config, to_yaml
+from posttrain.io import atomic_write_json, atomic_write_text
+
+
+def write_config(cfg: Config, stage: Optional[str] = None) -> Path:
+    """Write the resolved config as `config.yaml` into the run directory (atomically), and a
+    copy into the stage's folder, so each stage's outputs keep the config that made them."""
+    text = to_yaml(cfg)
+    path = cfg.run_dir / "config.yaml"
+    atomic_write_text(path, text)
+    if stage is not None:
+        atomic_write_text(cfg.run_dir / stage / "config.yaml", text)
+        atomic_write_json(cfg.run_dir / stage / "environment.json", environment())
+    return path
+
+
+def record_config(cfg: Config, stage: str) -> None:
+    """Write the stage's config and environment (write_config) unless already there: called
+    when a stage writes its first checkpoint or output, so a start that fails before making
+    anything leaves nothing that would refuse the corrected command."""
+    if not (cfg.run_dir / stage / "config.yaml").is_file():
+        write_config(cfg, stage)
+
+
+def environment() -> dict:
+    """What made a stage's outputs: package versions, the posttrain git commit (when run
+    from a checkout; `dirty` when it has uncommitted changes), Python and the device."""
+    versions = {}
+    for pkg in ("posttrain", "torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    here = Path(__file__).resolve().parent  # the package folder, posttrain/
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], text=True,
+                                capture_output=True, timeout=10).stdout.strip() or None
+        if commit:
+            dirty = bool(subprocess.run(["git", "-C", str(here), "status", "--porcelain",
+                                         "--untracked-files=no"], text=True,
+                                        capture_output=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import torch  # here, not at the top: only this function needs torch
+
+    return {"versions": versions, "git_commit": commit, "git_dirty": dirty,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.version.cuda, "cuda_device": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else None}

@@ -1,0 +1,63 @@
+"""Processes and devices: the accelerator, each process's share of a step, and the
+collective checks that keep the processes in step."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import torch
+
+from posttrain.config import Config
+from posttrain.model.load import compute_dtype, resolve_device
+
+
+def setup_accelerator(cfg: Config):
+    """The accelerate Accelerator for the configured device and precision, and the dtype."""
+    from accelerate import Accelerator  # heavy: loaded by the training stages only
+
+    device = resolve_device(cfg.model)
+    dtype = compute_dtype(cfg.model, device)
+    acc = Accelerator(cpu=device.type == "cpu",
+                      mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    return acc, dtype
+
+
+def rank_share(chunk: list, rank: int, world: int) -> list[tuple[object, float]]:
+    """This process's part of one optimizer step's micro-batches: every world-th from its rank,
+    each with weight 1. A rank left short (the step's count does not divide) repeats the
+    step's first micro-batch with weight 0, so every rank runs as many backward passes (and
+    gradient all-reduces) as the others and the result is exactly the step's gradient."""
+    mine = [(m, 1.0) for m in chunk[rank::world]]
+    per_rank = math.ceil(len(chunk) / world)
+    return mine + [(chunk[0], 0.0)] * (per_rank - len(mine))
+
+
+def all_finite(acc, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (all stop together, none waits forever
+    in a gradient all-reduce the others left)."""
+    bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, "max")
+    return not bool(bad.item())
+
+
+def sync_unless(acc, model, last: bool):
+    """Gradient all-reduce only on a step's last backward (no_sync before it)."""
+    return contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)
+
+
+def gather(acc, objects: list) -> list:
+    """Every process's `objects`, concatenated in rank order (one process: as they are)."""
+    if acc.num_processes == 1:
+        return objects
+    from accelerate.utils import gather_object  # heavy: only under several processes
+
+    return gather_object(objects)
+
+
+def rng_state() -> dict:
+    """This process's random state: torch (CPU and CUDA) and Python's."""
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": repr(random.getstate())}
