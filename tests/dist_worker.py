@@ -1,7 +1,9 @@
 """Run by test_distributed.py under `accelerate launch`: `posttrain run` (SFT, online RL,
 then eval, plot and view on the main process) on the tiny model. Each process writes what
 it trained on (the micro-batches its share held) and its final LoRA weights to
-<out>/rank<R>.json and <out>/rank<R>-<stage>.safetensors."""
+<out>/rank<R>.json and <out>/rank<R>-<stage>.safetensors. With STAGE set it runs that stage
+alone; with DIE_AFTER_CHECKPOINT=N every process stops (KeyboardInterrupt) right after the
+checkpoint of step N is written."""
 from __future__ import annotations
 
 import json
@@ -15,6 +17,7 @@ from safetensors.torch import save_file
 from posttrain import modeling, pipeline, sft
 from posttrain.rl.trainer import Trainer
 from posttrain.train import dist
+from posttrain.train.loop import TrainLoop
 from posttrain.config import load_config
 
 out = Path(sys.argv[1])
@@ -65,7 +68,19 @@ if os.environ.get("NAN_ON_RANK") == str(rank):  # this rank's loss turns NaN at 
         return loss * float("nan") if model.training and calls[0] >= 3 else loss
 
     sft.completion_loss = nan_later
-pipeline.run(cfg)
+if os.environ.get("DIE_AFTER_CHECKPOINT"):
+    save_checkpoint = TrainLoop.save_checkpoint
+
+    def save_then_die(self):
+        save_checkpoint(self)
+        if self.step == int(os.environ["DIE_AFTER_CHECKPOINT"]):
+            raise KeyboardInterrupt
+
+    TrainLoop.save_checkpoint = save_then_die
+if os.environ.get("STAGE"):
+    pipeline.run_stage(cfg, os.environ["STAGE"])
+else:
+    pipeline.run(cfg)
 for stage, w in weights.items():
     save_file(w, str(out / f"rank{rank}-{stage}.safetensors"))
 (out / f"rank{rank}.json").write_text(json.dumps(seen))

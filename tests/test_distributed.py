@@ -75,6 +75,31 @@ def test_a_nan_on_one_process_stops_both(tiny_model_dir, tmp_path):
     assert not (tmp_path / "run" / "sft" / "adapter").exists()
 
 
+def test_a_killed_two_process_run_resumes_each_process_random_state(tiny_model_dir, tmp_path):
+    """Killed after its first checkpoint, a 2-process SFT run (LoRA dropout on) resumes to the
+    weights of an uninterrupted one: each process gets back its own RNG state, and the two
+    states differ (the ranks' batches have other shapes, so they draw other dropout masks)."""
+    common = TINY + (f"model.name={tiny_model_dir}", "sft.batch_size=2", "sft.max_steps=0",
+                     "sft.grad_accum=1", "lora.dropout=0.3", "sft.checkpoint_every=1",
+                     "sft.keep_checkpoints=5")
+    done = _launch(tmp_path, common + (f"out_dir={tmp_path / 'ref'}",), STAGE="sft")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    killed = _launch(tmp_path, common + (f"out_dir={run}",), STAGE="sft",
+                     DIE_AFTER_CHECKPOINT="1")
+    assert killed.returncode != 0 and not (run / "sft" / "adapter").exists()
+    state = torch.load(run / "sft" / "checkpoints" / "step_1" / "state.pt", weights_only=True)
+    assert len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch_rng"], state["rng"][1]["torch_rng"])
+    resumed = _launch(tmp_path, common + (f"out_dir={run}",), STAGE="sft")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    a, b = (load_file(str(d / "sft" / "adapter" / "adapter_model.safetensors"))
+            for d in (tmp_path / "ref", run))
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_bad_key_under_accelerate_launch_is_reported_once(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
