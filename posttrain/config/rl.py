@@ -27,7 +27,7 @@ class RLRun:
     """Micro-batches per optimizer step. Advantages are whitened over one step's samples."""
     lora_dropout: float = 0.0
     """Dropout on the RL adapter's input. 0 keeps the policy deterministic, so the PPO ratio
-    measures the update and not dropout noise (and the step is ~30% faster on CPU); the
+    measures the update and not dropout noise (and the step skips the dropout work); the
     seed's config sets 0.1 (lora.dropout is the SFT adapter's)."""
     share_prompt: bool = True
     """Run each prompt once for all its samples in a training step (exact: gradients flow

@@ -80,7 +80,7 @@ class EvalConfig:
     generate.max_prompts)."""
     samples_per_prompt: int = 4
     """Samples per prompt and model (they share the prompt pass). Report variances from at
-    least 200 samples per model: fewer swing by +-20%."""
+    least 200 samples per model: a variance from fewer swings widely between draws."""
     max_new_tokens: Optional[int] = None
     """Longest sample; null means `generate.max_new_tokens`."""
     batch_size: Optional[int] = None

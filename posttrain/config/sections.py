@@ -31,15 +31,15 @@ class ModelConfig:
     bf16 where model.precision resolves to bf16). `compute` halves the base model's memory
     and removes autocast's per-forward weight casts; the residual stream is then bf16 too
     (pure bf16, as most GPU recipes run). The LoRA weights stay fp32 either way; a 4-bit
-    base is unaffected. Measured on the demo: 1.22x faster RL steps, but RL learned far
-    less (variance ratio 0.94 vs 2.86, KL 0.03 vs 0.18): the bf16 residual stream rounds
-    away small adapter changes. Not for RL at small learning rates."""
+    base is unaffected. Faster RL steps, but on the demo RL learned far less (README,
+    "Speed: benchmarks and fast paths"): the bf16 residual stream rounds away small
+    adapter changes. Not for RL at small learning rates."""
     merged_sampling: bool = True
     """Sample (generate, eval, RL's held-out checks) from a copy of the policy with its LoRA
-    adapters merged into the weights, in the compute dtype, without autocast: about 2x the
-    new tokens/s on CPU. Under bf16 the log-probs it records differ from the training
-    forward's by rounding (~0.05 nats per token on average, KL ~0.002). false samples
-    through the adapters. A 4-bit base is never merged."""
+    adapters merged into the weights, in the compute dtype, without autocast: no per-call
+    weight casts and no adapter matmuls (README, "Sampling speed"). Under bf16 the log-probs
+    it records differ from the training forward's by rounding. false samples through the
+    adapters. A 4-bit base is never merged."""
 
     def __post_init__(self):
         _choice(self.precision, "model.precision", ("auto", "fp32", "bf16"))

@@ -1,12 +1,11 @@
 """Fixed held-out prompts for watching the length spread during RL training."""
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 from posttrain import seeds
 from posttrain.config import Config
+from posttrain.lengths import spread
 from posttrain.model.adapters import sampler
 from posttrain.rollout import collect as C
 from posttrain.rollout.prompts import prompt_pool
@@ -35,6 +34,6 @@ class HeldOut:
                                                  g.max_new_tokens, g.temperature, g.top_p),
                                  lambda job: gen)
         model.train(was_training)
-        chars = [r.length_chars for r in rollouts]
-        return {"eval_len_mean": statistics.fmean(chars), "eval_len_std": statistics.pstdev(chars),
+        chars = spread([r.length_chars for r in rollouts])
+        return {"eval_len_mean": chars["mean"], "eval_len_std": chars["std"],
                 "eval_eos_rate": sum(r.ended_with_eos for r in rollouts) / len(rollouts)}

@@ -20,6 +20,7 @@ import torch
 
 from posttrain import seeds
 from posttrain.config import Config
+from posttrain.lengths import spread
 from posttrain.model.adapters import sampler
 from posttrain.rl.credit import abrupt_flags, step_rewards
 from posttrain.rl.plan import step_plan, steps_per_round
@@ -52,9 +53,9 @@ def sample_round(model, tokenizer, texts, prompts, cfg: Config, it: int, device,
 
 
 def _round_stats(rollouts: list, it: int, seconds: float, sampled_tokens: int) -> dict:
-    chars = [r.length_chars for r in rollouts]
-    return dict(round=it + 1, round_len_mean=statistics.fmean(chars),
-                round_len_std=statistics.pstdev(chars), sample_seconds=seconds,
+    chars = spread([r.length_chars for r in rollouts])
+    return dict(round=it + 1, round_len_mean=chars["mean"],
+                round_len_std=chars["std"], sample_seconds=seconds,
                 sampled_tokens=sampled_tokens,
                 round_eos_rate=sum(r.ended_with_eos for r in rollouts) / len(rollouts),
                 round_abrupt=statistics.fmean(abrupt_flags(rollouts)))

@@ -28,7 +28,7 @@ def _next_token_dist(logits: torch.Tensor, temperature: float, top_p: float) -> 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One index per row, drawn with probability `probs` (n, V): inverse CDF with one uniform
-    per row (torch.multinomial draws an exponential per vocabulary entry, ~8x slower here)."""
+    per row (torch.multinomial draws an exponential per vocabulary entry: far slower)."""
     cdf = probs.cumsum(-1)                                                       # (n, V)
     u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device)
     pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)

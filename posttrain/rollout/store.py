@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 from pathlib import Path
 
 from posttrain.data import DataError
 from posttrain.io import atomic_dir, atomic_write_json
+from posttrain.lengths import spread
 from posttrain.types import Rollout
 
 
@@ -18,12 +18,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     blob = json.dumps([vocab, tokenizer.eos_token_id, tokenizer.pad_token_id])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def spread(values: list) -> dict:
-    """mean, population variance and std of a list of lengths."""
-    return {"mean": statistics.fmean(values), "var": statistics.pvariance(values),
-            "std": statistics.pstdev(values)}
 
 
 def length_stats(rollouts: list[Rollout]) -> dict:
