@@ -35,7 +35,7 @@ def sample_path(split: str) -> Path:
 
 
 def _load_dataset(source: str, split: str):
-    import datasets
+    import datasets  # heavy: loaded when a source is read
 
     datasets.disable_progress_bars()
     # what a bad file, folder or Hub id raises (pyarrow's errors are ValueErrors); anything

@@ -26,7 +26,7 @@ LABELS = {"base": "base", "sft": "SFT", "rl": "RL"}
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # heavy: loaded by the plot stage only
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     return plt

@@ -16,7 +16,7 @@ from posttrain.model.load import ModelError, autocast, check_context, load_base_
 
 
 def _peft_config(cfg: LoraConfig, dropout: float | None = None):
-    from peft import LoraConfig as PeftLoraConfig
+    from peft import LoraConfig as PeftLoraConfig  # heavy: peft imports transformers
 
     dropout = cfg.dropout if dropout is None else dropout
     return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=dropout,
@@ -25,6 +25,7 @@ def _peft_config(cfg: LoraConfig, dropout: float | None = None):
 
 def add_lora(model, cfg: LoraConfig, quantized: bool = False):
     """Wrap `model` with fresh, trainable LoRA adapters (peft)."""
+    # heavy: peft imports transformers
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -37,7 +38,7 @@ def add_lora(model, cfg: LoraConfig, quantized: bool = False):
 
 def load_adapter(model, path: Path, trainable: bool = False, name: str = "default"):
     """Load a saved peft adapter onto `model`; refuses one made for another base model."""
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: peft imports transformers
 
     cfg_file = Path(path) / "adapter_config.json"
     if not cfg_file.is_file():

@@ -95,7 +95,7 @@ def embedded_model_dir() -> Path:
     target = cache_root() / f"smollm2-135m-instruct-{EMBEDDED_SHA256[:12]}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: loaded on first use
 
     gguf = embedded_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -143,7 +143,7 @@ def check_hub(key: str, name: str, timeout: float = 3.0) -> None:
 # ---------------------------------------------------------------- loading
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: loaded on first use
 
     try:
         tok = AutoTokenizer.from_pretrained(path or resolve_model_path(cfg), revision=cfg.revision,
@@ -161,7 +161,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
 def load_base_model(cfg: ModelConfig, device: torch.device):
     """The frozen base model on `device`: fp32 weights (the compute dtype with
     model.frozen_dtype=compute), or 4-bit NF4 for QLoRA."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: loaded on first use
 
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                   use_safetensors=True)
@@ -206,7 +206,7 @@ def _bnb_config(device: torch.device):
     except ImportError as e:
         raise ModelError("model.load_in_4bit=true needs bitsandbytes: pip install "
                          "'posttrain[qlora]'") from e
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # heavy: loaded on first use
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=torch.bfloat16,

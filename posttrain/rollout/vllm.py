@@ -36,8 +36,8 @@ class VLLMSampler:
 
     def __init__(self, model_path: str, adapter: Path, lora_rank: int, dtype: torch.dtype,
                  seed: int, max_len: int):
-        from vllm import LLM
-        from vllm.lora.request import LoRARequest
+        from vllm import LLM  # optional extra (CUDA only)
+        from vllm.lora.request import LoRARequest  # optional extra (CUDA only)
 
         self.llm = LLM(model=model_path, enable_lora=True, max_lora_rank=max(lora_rank, 8),
                        dtype="bfloat16" if dtype == torch.bfloat16 else "float32", seed=seed,
@@ -47,8 +47,8 @@ class VLLMSampler:
     def sample(self, prompts: list[list[int]], group: int, max_new_tokens: int, eos_id: int,
                temperature: float, top_p: float, seed: int) -> list[tuple[int, list[int], bool]]:
         """(prompt index, completion token ids ending with EOS when it stopped, ended)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams  # optional extra (CUDA only)
+        from vllm.inputs import TokensPrompt  # optional extra (CUDA only)
 
         params = SamplingParams(n=group, temperature=temperature, top_p=top_p,
                                 max_tokens=max_new_tokens, seed=seed)
