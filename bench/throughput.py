@@ -135,7 +135,7 @@ def _sft_adapter(cfg, work: Path) -> Path:
 def prepare(cfg, work: Path, n_samples: int) -> None:
     """Sample the offline RL steps' records once from the SFT policy (shared by rl/*)."""
     from posttrain import modeling
-    from posttrain.rollout.collect import sample_rollouts
+    from posttrain.rollout import collect as C
     from posttrain.rollout.prompts import prompt_pool
     adapter = _sft_adapter(cfg, work)
     device = modeling.resolve_device(cfg.model)
@@ -146,13 +146,10 @@ def prepare(cfg, work: Path, n_samples: int) -> None:
     n_prompts = -(-n_samples // G)
     model = modeling.load_policy(cfg, device, adapter).eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    records = []
+    jobs = C.make_jobs(texts[:n_prompts], ids[:n_prompts], cfg.generate.batch_size, tok, cfg)
     with torch.no_grad(), modeling.sampler(model, cfg.model, device, dtype) as policy:
-        for s in range(0, n_prompts, cfg.generate.batch_size):
-            e = min(s + cfg.generate.batch_size, n_prompts)
-            batch = sample_rollouts(policy, tok, texts[s:e], ids[s:e], G,
-                                    cfg.generate.max_new_tokens, gen)
-            records += [r.regrouped(s) for r in batch]
+        records = C.collect(jobs, C.hf_draw(policy, tok, G, cfg.generate.max_new_tokens,
+                                            1.0, 1.0), lambda job: gen)
     (work / "records.json").write_text(json.dumps([r.to_row() for r in records]))
 
 

@@ -46,10 +46,6 @@ class Stage:
     def run(self, cfg: Config):
         return self.load().run(cfg)
 
-    def __getitem__(self, i):
-        """The tuple this table held before: (module, folder, marker, depends)."""
-        return (self.load(), self.folder, self.marker, self.depends)[i]
-
 
 STAGES = {s.name: s for s in (
     Stage("sft", "posttrain.sft", "sft", "summary.json", _SFT, ("model", "lora", "data", "sft"),
