@@ -10,7 +10,6 @@ under the run directory.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch

@@ -45,12 +45,14 @@ def _draws(cfg: Config, prompts: list) -> list[int]:
     return draws
 
 
-def _vllm_draw(cfg: Config, device, dtype, policy, tokenizer):
-    """vLLM samples; our unmerged SFT policy scores its samples (the exact training forward)."""
-    vllm = vllm_backend.VLLMSampler(
+def _vllm_engine(cfg: Config, dtype):
+    return vllm_backend.VLLMSampler(
         resolve_model_path(cfg.model), cfg.run_dir / "sft" / "adapter", cfg.lora.rank, dtype,
         cfg.seed, cfg.data.max_prompt_tokens + cfg.generate.max_new_tokens + 8)
 
+
+def _vllm_draw(cfg: Config, device, dtype, policy, tokenizer, vllm):
+    """vLLM samples; our unmerged SFT policy scores its samples (the exact training forward)."""
     def draw(job: C.Job, generator) -> list[Rollout]:
         with autocast(device, dtype):
             return vllm.rollouts(policy, tokenizer, job.texts, job.ids, cfg,
@@ -69,6 +71,8 @@ def _sample(cfg: Config, tokenizer, texts: list, prompts: list, device, dtype) -
                            n, cfg, seeds.generate_targets(cfg.seed, b)))
     parts = C.Parts(out / "parts", lambda job: f"{job.index:06d}.jsonl",
                     lambda: provenance.record_config(cfg, "generate"))
+    on_vllm = g.backend == "vllm"
+    vllm = _vllm_engine(cfg, dtype) if on_vllm else None   # started before the clock
     t0, new_tokens = time.perf_counter(), [0]
     bar = tqdm(total=len(jobs), desc="generate", unit="batch")
 
@@ -78,10 +82,9 @@ def _sample(cfg: Config, tokenizer, texts: list, prompts: list, device, dtype) -
             bar.set_postfix(tok_s=f"{new_tokens[0] / (time.perf_counter() - t0):.1f}")
         bar.update(1)
 
-    on_vllm = g.backend == "vllm"
     with (contextlib.nullcontext(model) if on_vllm
           else sampler(model, cfg.model, device, dtype)) as policy:
-        draw = (_vllm_draw(cfg, device, dtype, policy, tokenizer) if on_vllm else
+        draw = (_vllm_draw(cfg, device, dtype, policy, tokenizer, vllm) if on_vllm else
                 C.hf_draw(policy, tokenizer, g.samples_per_prompt, g.max_new_tokens,
                           g.temperature, g.top_p))
         rollouts = C.collect(jobs, draw, lambda job: seeds.generator(

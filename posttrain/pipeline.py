@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 # every stage's module, loaded up front as before (a broken one fails before any stage runs);
 # the stages are run through the registry (`STAGES[name].run`)
 from posttrain import evaluate, generate, plot, rl, sft, view  # noqa: F401
@@ -187,7 +189,9 @@ def _forced_stages(cfg: Config, procs: Processes) -> set:
     done = []
     if record.is_file():
         old = read_json(record)
-        if old.get("config") == text:
+        # the same config, compared by value (a field order that changed since is the same)
+        if isinstance(old.get("config"), str) and \
+                OmegaConf.create(old["config"]) == OmegaConf.create(text):
             done = old.get("served", [])
     if procs.main:
         atomic_write_json(record, {"config": text, "served": done})

@@ -12,6 +12,7 @@ from posttrain.io import atomic_write_json, atomic_write_text
 from posttrain.rewards import is_abrupt  # the one ending rule (the reward uses it too)
 from posttrain.rollout.store import set_lengths
 
+
 def _reward_lengths(cfg: Config, samples: list[dict]) -> list[float]:
     """The lengths the reward takes its statistics from: the generated set offline RL
     trained on, else the SFT samples here, else all samples."""

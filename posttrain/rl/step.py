@@ -121,7 +121,7 @@ def loss_terms(ctx: StepContext, new, old, adv, weight, policy_w, rollouts, ids,
 
 def micro_pass(ctx: StepContext, rollouts, mb, offset: int, share: float, inputs: StepInputs,
                reward, credit, last: bool) -> tuple:
-    """Forward and backward of one micro-batch; returns (loss, terms, new, ref)."""
+    """Forward and backward of one micro-batch; returns (loss, terms, new, ref, kl)."""
     acc, cfg = ctx.acc, ctx.cfg
     n_tokens = int(inputs.lengths.sum())
     # one all-reduce per step: on the last backward only
