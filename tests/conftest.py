@@ -1,5 +1,6 @@
 """Offline fixtures: a tiny Llama-shaped model and a byte-level BPE tokenizer trained on the
-bundled sample, saved once per session to a local folder (no network)."""
+bundled sample, saved once per session to a local folder (no network); and the helpers and
+constants that tests in both unit/ and integration/ use (`from conftest import ...`)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from posttrain import modeling, view
 from posttrain.config import load_config
 
 
@@ -86,3 +88,41 @@ def tiny_args():
     return make
 
 
+# the tiny model and its tokenizer (test_sft.py, unit and integration)
+def _tiny(cfg):
+    tok = modeling.load_tokenizer(cfg.model)
+    model = modeling.load_base_model(cfg.model, torch.device("cpu"))
+    return tok, model
+
+
+# the RL tests' overrides (test_rl.py: integration/test_generate_rl.py, unit/test_rl_credit.py)
+RL_ARGS = ("generate.num_samples=24", "generate.samples_per_prompt=4", "generate.batch_size=3",
+           "generate.max_new_tokens=12", "rl.batch_size=4", "rl.grad_accum=2", "rl.max_lr=1e-2",
+           "rl.min_lr=1e-3", "rl.warmup_ratio=0", "rl.eval_prompts=3", "rl.eval_every=2",
+           "rl.checkpoint_every=1", "data.max_prompt_tokens=1024")
+
+
+# the length cue (test_length_control.py: integration, and unit/test_data.py,
+# unit/test_rollout_prompts.py)
+CUE = "TL;DR (about {length} characters):"
+
+
+# a viewer page of hostile text (test_pipeline.py: integration, and unit/test_view.py)
+EVIL_POST = 'SUBREDDIT: r/evil\n\nTITLE: <script>document.title="pwned"</script>\n\nPOST: " onerror="alert(1)" <img src=x onerror=alert(2)> </script><b>bold</b>\n\nTL;DR:'
+
+
+def hostile_page(tmp_path) -> Path:
+    prompts = [{"prompt_index": 0, "prompt": EVIL_POST, "reference": "<i>ref</i> & more",
+                "subreddit": "evil", "reference_length_chars": 17},
+               {"prompt_index": 1, "prompt": "SUBREDDIT: r/cats\n\nTITLE: my cat\n\nPOST: zebra words",
+                "reference": "cat stuff", "subreddit": "cats", "reference_length_chars": 9}]
+    samples = []
+    for i, (sft, rl) in enumerate([("<script>alert(3)</script> sft", "x\" onerror=\"alert(4) rl"),
+                                   ("a longer sft summary here", "short rl")]):
+        for m, text in (("sft", sft), ("rl", rl)):
+            samples.append({"model": m, "prompt_index": i, "completion": text,
+                            "length_chars": len(text), "length_tokens": 5, "reward": 0.25,
+                            "truncated": False, "rougeL": 10.0})
+    out = tmp_path / "index.html"
+    out.write_text(view.render(view.page_data(prompts, samples, {}, "hostile <run>")))
+    return out

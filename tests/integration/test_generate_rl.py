@@ -12,14 +12,9 @@ from posttrain import generate, modeling, objectives as O, rl, sft
 from posttrain.rl import credit, plan
 from posttrain.rollout.store import load_set
 from posttrain.train import checkpoint
-from posttrain.types import Rollout
 from posttrain.config import ConfigError
 from posttrain.data import DataError, Example, collate
-
-RL_ARGS = ("generate.num_samples=24", "generate.samples_per_prompt=4", "generate.batch_size=3",
-           "generate.max_new_tokens=12", "rl.batch_size=4", "rl.grad_accum=2", "rl.max_lr=1e-2",
-           "rl.min_lr=1e-3", "rl.warmup_ratio=0", "rl.eval_prompts=3", "rl.eval_every=2",
-           "rl.checkpoint_every=1", "data.max_prompt_tokens=1024")
+from conftest import RL_ARGS
 
 
 @pytest.fixture(scope="module")
@@ -172,39 +167,6 @@ def test_rl_bad_inputs(run_cfg, tmp_path, monkeypatch):
     assert not (cfg.run_dir / "rl" / "adapter").exists()
 
 
-def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir):
-    """Each prompt run once for its group gives the log-probs and gradients of running every
-    sample with its own copy of the prompt; so does every other fast path switched off (the
-    LM head at every position, a full log-softmax)."""
-    from posttrain.config import FastConfig, ModelConfig
-    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
-    params = [p.requires_grad_() for p in model.parameters()]
-    records = [Example(tuple(p), tuple(c)) for p, c in (
-        ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
-        ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]))]
-    groups = [[0, 1], [2, 3]]
-    out = {}
-    for share in (True, False):
-        for only in (True, False):
-            for fused in (True, False):
-                fast = FastConfig(completion_logits=only, fused_logprobs=fused)
-                lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"),
-                                              share, fast=fast).tokens
-                out[share, only, fused] = (lp.detach(), torch.autograd.grad(lp.sum(), params))
-                lp_t, lp_s = modeling.policy_logprobs(model, records, groups, 0,
-                                                      torch.device("cpu"), share, stop_id=1,
-                                                      fast=fast)
-                torch.testing.assert_close(lp_t.detach(), lp.detach())
-                out[share, only, fused, "stop"] = lp_s.detach()
-    first = out[True, True, True]
-    for key, (lp, grads) in ((k, v) for k, v in out.items() if len(k) == 3):
-        torch.testing.assert_close(lp, first[0], rtol=1e-5, atol=1e-5)
-        for a, b in zip(grads, first[1]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(out[key + ("stop",)], out[True, True, True, "stop"],
-                                   rtol=1e-5, atol=1e-5)
-
-
 def test_frozen_sft_adapter_has_no_dropout_in_train_mode(run_cfg, tmp_path):
     """pi_sft inside the RL policy must be deterministic even while the RL adapter trains."""
     from posttrain.config import LoraConfig
@@ -274,15 +236,6 @@ def test_a_set_without_completion_tokens_is_refused(run_cfg):
     datasets.Dataset.from_list(rows).save_to_disk(str(path))
     with pytest.raises(DataError, match="row 1: empty completion_ids"):
         rl.run(cfg)
-
-
-def test_best_of_groups_keeps_each_groups_top_reward():
-    from types import SimpleNamespace
-    records = [SimpleNamespace(group=g, i=i) for i, g in enumerate([0, 0, 0, 1, 1, 2])]
-    reward = torch.tensor([0.1, 0.9, 0.5, -1.0, -0.5, 0.0])
-    kept, r = plan.best_of_groups(records, reward)
-    assert [x.i for x in kept] == [1, 4, 5]
-    torch.testing.assert_close(r, torch.tensor([0.9, -0.5, 0.0]))
 
 
 def test_online_rounds_train_resume_and_log(run_cfg, tmp_path, monkeypatch):
@@ -360,48 +313,6 @@ def test_vllm_backend_records_are_scored_by_the_sft_policy(run_cfg, monkeypatch)
     torch.testing.assert_close(lp_stop, torch.tensor([x for r in records
                                                       for x in r.stop_logprobs]),
                                rtol=1e-4, atol=1e-4)
-
-
-def test_step_baseline_compares_each_reward_with_the_whole_step(run_cfg):
-    reward = torch.tensor([1.0, 0.0, 0.5, 0.5])
-    lengths = torch.tensor([2, 1, 1, 3])
-    group = torch.tensor([0, 0, 1, 1])
-    adv, _ = credit.step_advantages(reward, lengths, group, run_cfg("rl.advantage=group"))
-    torch.testing.assert_close(adv, torch.tensor([0.5, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0]))
-    # the step's mean is 0.5: the second group, all at 0.5, gets no push either way, the
-    # first keeps its spread; a group all above the step's mean is pushed up as a whole
-    cfg = run_cfg("rl.advantage=group_stop", "rl.baseline=step")
-    adv, _ = credit.step_advantages(torch.tensor([1.0, 0.8, 0.2, 0.0]), lengths, group, cfg)
-    torch.testing.assert_close(adv, torch.tensor([0.5, 0.5, 0.3, -0.3, -0.5, -0.5, -0.5]))
-
-
-def test_ending_aware_stop_credit_counts_only_clean_stops(run_cfg):
-    """With reward.ending, an abrupt sample's reward is the penalty, and the stop credit has
-    no counterfactual at a position where the prefix would end mid-sentence."""
-    cfg = run_cfg("rl.advantage=group_stop", "reward.ending=-1")
-    tok = modeling.load_tokenizer(cfg.model)
-    texts = ["I lost it. Then I ran", "Short. Done."]
-    records = []
-    for k, t in enumerate(texts):
-        ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        body = tok.decode(ids[:-1], skip_special_tokens=True)
-        records.append(Rollout(group=k, prompt="", prompt_ids=(1,), completion=body,
-                               completion_ids=tuple(ids), logprobs=(0.0,) * len(ids),
-                               stop_logprobs=(0.0,) * len(ids), ended_with_eos=True,
-                               truncated=False, length_chars=len(body.strip()),
-                               length_tokens=len(ids) - 1, target=None))
-    reward, stop = credit.step_rewards(records, [10.0, 20.0, 30.0], tok, cfg)
-    assert reward[0].item() == -1.0 and reward[1].item() != -1.0     # "...Then I ran": abrupt
-    prefixes = credit.prefix_texts(records, tok)
-    for k, per in enumerate(prefixes):
-        expected = [t.rstrip().endswith(".") for t in per]           # clean stops: after a "."
-        assert stop.clean[k].tolist() == expected and any(expected)
-        assert stop.counted[k].tolist() == expected
-        assert len(stop.reward[k]) == len(records[k].completion_ids)
-    # without the rule every position may stop, as before
-    _, plain = credit.step_rewards(records, [10.0, 20.0, 30.0], tok, run_cfg("rl.advantage=stop"))
-    assert all(c.all() for c in plain.counted)
-    assert [c.tolist() for c in plain.clean] == [c.tolist() for c in stop.clean]
 
 
 def test_online_group_stop_with_the_ending_rule_logs_the_penalised_share(run_cfg):

@@ -1,3 +1,5 @@
+"""The SFT stage on the tiny model: it lowers the loss and trains only LoRA, resumes to the
+uninterrupted schedule, and stops on a non-finite loss."""
 import json
 
 import pytest
@@ -6,51 +8,8 @@ from safetensors.torch import load_file
 
 from posttrain import modeling, sft
 from posttrain.metrics import MetricsLogger
-from posttrain.data import Example, collate, load_rows, tokenize_rows
-
-
-def _tiny(cfg):
-    tok = modeling.load_tokenizer(cfg.model)
-    model = modeling.load_base_model(cfg.model, torch.device("cpu"))
-    return tok, model
-
-
-def test_no_attention_across_examples(tiny_cfg):
-    """Each example's loss is the same alone, in a padded batch, and packed in one row."""
-    cfg = tiny_cfg()
-    tok, model = _tiny(cfg)
-    rows = load_rows("sample", "train", cfg.data)[:3]
-    ex, _ = tokenize_rows(rows, tok, cfg.data)
-    alone = [sft.completion_loss(model, collate([e], tok.pad_token_id), "sum") for e in ex]
-    for packed in (False, True):
-        batch = collate(ex, tok.pad_token_id, packed=packed)
-        logits = modeling.completion_logits(model, batch)
-        per_token = torch.nn.functional.cross_entropy(logits, batch.targets, reduction="none")
-        per_example = torch.zeros(len(ex)).index_add(0, batch.example_index, per_token)
-        torch.testing.assert_close(per_example, torch.stack(alone), rtol=1e-4, atol=1e-4)
-
-
-def test_logits_only_at_completion_positions(tiny_cfg):
-    cfg = tiny_cfg()
-    tok, model = _tiny(cfg)
-    batch = collate([Example((3, 4, 5, 6), (7, 8, tok.eos_token_id))], tok.pad_token_id)
-    logits = modeling.completion_logits(model, batch)
-    assert logits.shape == (3, model.config.vocab_size)
-    full = model(input_ids=batch.input_ids).logits[0, 3:6]
-    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
-    # switched off (fast.completion_logits=false): the head runs everywhere, same rows
-    torch.testing.assert_close(modeling.completion_logits(model, batch, only_needed=False),
-                               full, rtol=1e-5, atol=1e-5)
-
-
-def test_random_batching_covers_every_example_once_per_epoch(tiny_cfg):
-    cfg = tiny_cfg("sft.batching=random", "sft.epochs=2")
-    ex = [Example((1,) * n, (2,)) for n in range(1, 12)]
-    plan = sft.micro_batches(ex, cfg)
-    per_epoch = len(plan) // 2
-    for epoch in (plan[:per_epoch], plan[per_epoch:]):
-        assert sorted(i for b in epoch for i in b) == list(range(11))
-    assert plan[:per_epoch] != plan[per_epoch:]
+from posttrain.data import load_rows, tokenize_rows
+from conftest import _tiny
 
 
 def test_sft_lowers_loss_and_changes_only_lora(tiny_cfg):

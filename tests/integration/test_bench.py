@@ -11,7 +11,7 @@ from conftest import TINY
 
 
 def test_throughput_bench_runs_each_kind_of_case(tiny_model_dir, tmp_path):
-    script = Path(__file__).parents[1] / "bench" / "throughput.py"
+    script = Path(__file__).parents[2] / "bench" / "throughput.py"
     out = tmp_path / "bench.json"
     cases = "sft/all-logits,generate/ours,generate/hf-generate,rl/ours,rl/naive"
     overrides = [o for o in TINY if not o.startswith(("sft.max_steps", "rl.max_steps"))]
@@ -31,7 +31,7 @@ def test_throughput_bench_runs_each_kind_of_case(tiny_model_dir, tmp_path):
 def test_recipe_bench_runs_variants_saves_and_skips(tiny_model_dir, tmp_path):
     """bench/rl_recipes.py on the tiny model: an offline and an online variant on one seed,
     each judged against the shared SFT; a re-run takes the saved results."""
-    script = Path(__file__).parents[1] / "bench" / "rl_recipes.py"
+    script = Path(__file__).parents[2] / "bench" / "rl_recipes.py"
     out = tmp_path / "recipes"
     cmd = [sys.executable, str(script), "--variants", "seed-offline,group-stop-end",
            "--seeds", "3", "--out", str(out), "--eval-prompts", "3", "--eval-samples", "2",

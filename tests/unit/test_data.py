@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from posttrain.config import DataConfig
-from posttrain.data import (DataError, Example, collate, fit_prompt, length_grouped_batches,
-                            load_rows, tokenize_rows)
-from conftest import write_jsonl
+from posttrain.data import (DataError, Example, collate, cue_rows, fit_prompt,
+                            length_grouped_batches, load_rows, requested_length, round_length,
+                            tokenize_rows, with_length_cue)
+from conftest import CUE, write_jsonl
 
 CFG = DataConfig()
 
@@ -118,3 +119,23 @@ def test_length_grouped_batches_cover_every_example_once():
     assert sorted(i for b in batches for i in b) == list(range(8))
     # sorted within the window: each batch pairs similar lengths
     assert all(abs(lengths[b[0]] - lengths[b[1]]) < 10 for b in batches)
+
+
+# ---------------------------------------------------------------- length cues
+
+@pytest.mark.parametrize("length,written", [(137, 140), (80, 80), (4, 10), (205, 200)])
+def test_cue_round_trip(length, written):
+    cfg = DataConfig(length_cue=CUE)
+    prompt = "SUBREDDIT: r/tifu\n\nTITLE: t\n\nPOST: I did a thing.\n\nTL;DR:"
+    cued = with_length_cue(prompt, length, cfg)
+    assert cued == f"SUBREDDIT: r/tifu\n\nTITLE: t\n\nPOST: I did a thing.\n\nTL;DR (about {written} characters):"
+    assert requested_length(cued, cfg) == written == round_length(length, cfg)
+    assert requested_length(prompt, cfg) is None
+    # a prompt without the marker gets the cue appended
+    assert with_length_cue("POST: hi", length, cfg).endswith(f"\n\nTL;DR (about {written} characters):")
+
+
+def test_sft_rows_ask_for_their_own_reference_length():
+    cfg = DataConfig(length_cue=CUE, length_round=1)
+    rows = cue_rows([{"prompt": "POST: x\n\nTL;DR:", "completion": " short one. "}], cfg)
+    assert requested_length(rows[0]["prompt"], cfg) == len("short one.")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain import pipeline, view
+from posttrain import pipeline
 from posttrain.config import ConfigError, load_config
+from conftest import hostile_page
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir, tiny_args):
@@ -123,33 +124,6 @@ def dump_dom(html: Path, fragment: str = "") -> str:
                        capture_output=True, text=True, timeout=60)  # a page that alerts hangs
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
-
-
-EVIL_POST = 'SUBREDDIT: r/evil\n\nTITLE: <script>document.title="pwned"</script>\n\nPOST: " onerror="alert(1)" <img src=x onerror=alert(2)> </script><b>bold</b>\n\nTL;DR:'
-
-
-def hostile_page(tmp_path) -> Path:
-    prompts = [{"prompt_index": 0, "prompt": EVIL_POST, "reference": "<i>ref</i> & more",
-                "subreddit": "evil", "reference_length_chars": 17},
-               {"prompt_index": 1, "prompt": "SUBREDDIT: r/cats\n\nTITLE: my cat\n\nPOST: zebra words",
-                "reference": "cat stuff", "subreddit": "cats", "reference_length_chars": 9}]
-    samples = []
-    for i, (sft, rl) in enumerate([("<script>alert(3)</script> sft", "x\" onerror=\"alert(4) rl"),
-                                   ("a longer sft summary here", "short rl")]):
-        for m, text in (("sft", sft), ("rl", rl)):
-            samples.append({"model": m, "prompt_index": i, "completion": text,
-                            "length_chars": len(text), "length_tokens": 5, "reward": 0.25,
-                            "truncated": False, "rougeL": 10.0})
-    out = tmp_path / "index.html"
-    out.write_text(view.render(view.page_data(prompts, samples, {}, "hostile <run>")))
-    return out
-
-
-def test_viewer_escapes_data_text(tmp_path):
-    html = hostile_page(tmp_path).read_text()
-    data = html[html.index('id="data">'):html.index("</script>", html.index('id="data">'))]
-    assert "<" not in data.split(">", 1)[1]      # no raw '<' inside the data block
-    assert html.count("<script") == 2            # the data block and the page's own code
 
 
 def test_viewer_renders_samples_as_text_in_browser(tmp_path):

@@ -13,7 +13,7 @@ from posttrain.config import (Config, ConfigError, OptimConfig, RLConfig, SFTCon
 from posttrain.config.rl import RLAdvantage, RLHeldOut, RLKL, RLOffline, RLOnline, RLRun
 from posttrain.provenance import write_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):

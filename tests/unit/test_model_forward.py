@@ -1,0 +1,68 @@
+"""The forward pass on the tiny model: no attention across packed examples, logits only at
+completion positions, and the shared prompt pass (policy_logprobs) equal to the plain one."""
+import torch
+
+from posttrain import modeling, sft
+from posttrain.data import Example, collate, load_rows, tokenize_rows
+from conftest import _tiny
+
+
+def test_no_attention_across_examples(tiny_cfg):
+    """Each example's loss is the same alone, in a padded batch, and packed in one row."""
+    cfg = tiny_cfg()
+    tok, model = _tiny(cfg)
+    rows = load_rows("sample", "train", cfg.data)[:3]
+    ex, _ = tokenize_rows(rows, tok, cfg.data)
+    alone = [sft.completion_loss(model, collate([e], tok.pad_token_id), "sum") for e in ex]
+    for packed in (False, True):
+        batch = collate(ex, tok.pad_token_id, packed=packed)
+        logits = modeling.completion_logits(model, batch)
+        per_token = torch.nn.functional.cross_entropy(logits, batch.targets, reduction="none")
+        per_example = torch.zeros(len(ex)).index_add(0, batch.example_index, per_token)
+        torch.testing.assert_close(per_example, torch.stack(alone), rtol=1e-4, atol=1e-4)
+
+
+def test_logits_only_at_completion_positions(tiny_cfg):
+    cfg = tiny_cfg()
+    tok, model = _tiny(cfg)
+    batch = collate([Example((3, 4, 5, 6), (7, 8, tok.eos_token_id))], tok.pad_token_id)
+    logits = modeling.completion_logits(model, batch)
+    assert logits.shape == (3, model.config.vocab_size)
+    full = model(input_ids=batch.input_ids).logits[0, 3:6]
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+    # switched off (fast.completion_logits=false): the head runs everywhere, same rows
+    torch.testing.assert_close(modeling.completion_logits(model, batch, only_needed=False),
+                               full, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir):
+    """Each prompt run once for its group gives the log-probs and gradients of running every
+    sample with its own copy of the prompt; so does every other fast path switched off (the
+    LM head at every position, a full log-softmax)."""
+    from posttrain.config import FastConfig, ModelConfig
+    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
+    params = [p.requires_grad_() for p in model.parameters()]
+    records = [Example(tuple(p), tuple(c)) for p, c in (
+        ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
+        ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]))]
+    groups = [[0, 1], [2, 3]]
+    out = {}
+    for share in (True, False):
+        for only in (True, False):
+            for fused in (True, False):
+                fast = FastConfig(completion_logits=only, fused_logprobs=fused)
+                lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"),
+                                              share, fast=fast).tokens
+                out[share, only, fused] = (lp.detach(), torch.autograd.grad(lp.sum(), params))
+                lp_t, lp_s = modeling.policy_logprobs(model, records, groups, 0,
+                                                      torch.device("cpu"), share, stop_id=1,
+                                                      fast=fast)
+                torch.testing.assert_close(lp_t.detach(), lp.detach())
+                out[share, only, fused, "stop"] = lp_s.detach()
+    first = out[True, True, True]
+    for key, (lp, grads) in ((k, v) for k, v in out.items() if len(k) == 3):
+        torch.testing.assert_close(lp, first[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, first[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[key + ("stop",)], out[True, True, True, "stop"],
+                                   rtol=1e-5, atol=1e-5)
