@@ -91,10 +91,18 @@ def cache_root() -> Path:
 
 
 def embedded_model_dir() -> Path:
-    """A Hugging Face folder of the embedded model, converted from the GGUF on first use."""
+    """A Hugging Face folder of the embedded model, converted from the GGUF on first use. The
+    conversion builds a model from its config, whose random init would draw from the global
+    RNG; it draws from a forked one, so a run that converts draws what a later run does."""
     target = cache_root() / f"smollm2-135m-instruct-{EMBEDDED_SHA256[:12]}"
     if (target / "config.json").is_file():
         return target
+    with torch.random.fork_rng(devices=[]):
+        _convert_embedded(target)
+    return target
+
+
+def _convert_embedded(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: loaded on first use
 
     gguf = embedded_gguf()
@@ -112,7 +120,6 @@ def embedded_model_dir() -> Path:
     with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return target
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:

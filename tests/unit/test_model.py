@@ -76,6 +76,18 @@ def test_embedded_smollm2_loads_and_scores_a_tldr_prompt():
 
 
 @pytest.mark.slow
+def test_converting_the_embedded_model_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """The first run on a machine converts the GGUF (a model built from its config, randomly
+    initialised): it must draw what a later run draws, so the conversion forks the RNG."""
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    torch.manual_seed(42)
+    before = torch.get_rng_state().clone()
+    path = modeling.embedded_model_dir()
+    assert (path / "config.json").is_file() and str(path).startswith(str(tmp_path))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.slow
 def test_embedded_checksum_mismatch_is_refused(monkeypatch):
     monkeypatch.setattr(model_load, "EMBEDDED_SHA256", "0" * 64)
     with pytest.raises(modeling.ModelError, match="sha256.*does not match"):
