@@ -38,6 +38,8 @@ class StepInputs(NamedTuple):
 
 def step_inputs(rollouts: list[Rollout], step: Step, reward: torch.Tensor,
                 credit: Optional[StopCredit], cfg: Config, eos: int) -> StepInputs:
+    """1. the step's samples, their advantages and weights, and where each micro-batch's
+    tokens start."""
     flat = step.samples
     lengths = lengths_of(rollouts, flat)
     group = torch.tensor([k for k, g in enumerate(step.groups) for _ in g])
