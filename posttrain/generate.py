@@ -26,8 +26,7 @@ from posttrain import provenance, seeds
 from posttrain.config import Config
 from posttrain.done import finished
 from posttrain.model.adapters import load_policy, sampler
-from posttrain.model.load import (autocast, compute_dtype, load_tokenizer, resolve_device,
-                                  resolve_model_path)
+from posttrain.model.load import autocast, resolve_model_path, sampling_setup
 from posttrain.rollout import collect as C
 from posttrain.rollout import vllm as vllm_backend
 from posttrain.rollout.prompts import draw_targets, train_prompt_pool
@@ -99,10 +98,7 @@ def run(cfg: Config) -> dict:
     done = finished("generate", out, "stats.json", "dataset", "generates again", "set")
     if done is not None:
         return done
-    device = resolve_device(cfg.model)
-    dtype = compute_dtype(cfg.model, device)
-    sft_dir = cfg.run_dir / "sft" / "adapter"
-    tokenizer = load_tokenizer(cfg.model, str(sft_dir) if sft_dir.is_dir() else None)
+    device, dtype, tokenizer = sampling_setup(cfg)
     texts, prompts = train_prompt_pool(tokenizer, cfg)
     if g.backend == "vllm":  # fail before loading anything
         vllm_backend.check_available(device)

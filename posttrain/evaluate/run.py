@@ -16,8 +16,7 @@ from posttrain.done import finished
 from posttrain.evaluate.report import finish
 from posttrain.model.adapters import load_policy, sampler, sft_only
 from posttrain.model.forward import policy_logprobs
-from posttrain.model.load import (autocast, compute_dtype, load_base_model, load_tokenizer,
-                                  resolve_device)
+from posttrain.model.load import autocast, load_base_model, sampling_setup
 from posttrain.rollout import collect as C
 from posttrain.rollout.prompts import heldout_rows
 
@@ -113,10 +112,7 @@ def run(cfg: Config) -> dict:
     done = finished("eval", out, "report.json", None, "evaluates again", "report")
     if done is not None:
         return done
-    device = resolve_device(cfg.model)
-    dtype = compute_dtype(cfg.model, device)
-    sft_dir = cfg.run_dir / "sft" / "adapter"
-    tokenizer = load_tokenizer(cfg.model, str(sft_dir) if sft_dir.is_dir() else None)
+    device, dtype, tokenizer = sampling_setup(cfg)
     rows, ids = _prompts(cfg, tokenizer)
     texts = [r["prompt"] for r in rows]
     model, has_rl = _load_models(cfg, device)

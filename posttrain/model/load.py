@@ -165,6 +165,15 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
+def sampling_setup(cfg) -> tuple:
+    """What a sampling stage (generate, eval) starts from: the device, the compute dtype and
+    the tokenizer (the SFT adapter's, saved with it, when there is one)."""
+    device = resolve_device(cfg.model)
+    sft_dir = cfg.run_dir / "sft" / "adapter"
+    tokenizer = load_tokenizer(cfg.model, str(sft_dir) if sft_dir.is_dir() else None)
+    return device, compute_dtype(cfg.model, device), tokenizer
+
+
 def load_base_model(cfg: ModelConfig, device: torch.device):
     """The frozen base model on `device`: fp32 weights (the compute dtype with
     model.frozen_dtype=compute), or 4-bit NF4 for QLoRA."""
