@@ -9,14 +9,13 @@ rl.py; base.py: ConfigError, the checks, OptimConfig), loading (load.py) and the
 text (help.py). Writing a stage's config and environment is posttrain.provenance's job.
 """
 from posttrain.config.help import describe, field_docs
-from posttrain.config.load import (BUNDLED, _check_shapes, _describe_error, _merge,
-                                   bundled_configs, load_config, resolve_config_path,
+from posttrain.config.load import (BUNDLED, bundled_configs, load_config, resolve_config_path,
                                    to_yaml)
 from posttrain.config.schema import (DEFAULTS, Config, ConfigError, DataConfig, EvalConfig,
                                      FastConfig, GenerateConfig, LoraConfig, ModelConfig,
                                      OptimConfig, RewardConfig, RLAdvantage, RLConfig,
                                      RLHeldOut, RLKL, RLOffline, RLOnline, RLOptim, RLRun,
-                                     SFTConfig, _choice, _positive)
+                                     SFTConfig)
 
 __all__ = ["BUNDLED", "DEFAULTS", "Config", "ConfigError", "DataConfig", "EvalConfig",
            "FastConfig", "GenerateConfig", "LoraConfig", "ModelConfig", "OptimConfig",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.config.base import ConfigError, OptimConfig, _choice, _positive
+from posttrain.config.base import ConfigError, OptimConfig
 from posttrain.config.rl import (RLAdvantage, RLConfig, RLHeldOut, RLKL, RLOffline, RLOnline,
                                  RLOptim, RLRun)
 from posttrain.config.sampling import EvalConfig, GenerateConfig
@@ -18,7 +18,7 @@ from posttrain.config.sections import (DataConfig, FastConfig, LoraConfig, Model
 __all__ = ["DEFAULTS", "Config", "ConfigError", "DataConfig", "EvalConfig", "FastConfig",
            "GenerateConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RLAdvantage",
            "RLConfig", "RLHeldOut", "RLKL", "RLOffline", "RLOnline", "RLOptim", "RLRun",
-           "RewardConfig", "SFTConfig", "_choice", "_positive"]
+           "RewardConfig", "SFTConfig"]
 
 DEFAULTS = "defaults"
 """`--config defaults`: no file, the dataclass defaults (the seed's method)."""

@@ -19,9 +19,8 @@ class Trainer:
     def __init__(self, cfg: Config, total_steps: int, tokenizer, acc, dtype):
         self.cfg, self.tokenizer, self.acc, self.dtype = cfg, tokenizer, acc, dtype
         model = load_policy(cfg, acc.device, cfg.run_dir / "sft" / "adapter", rl="new")
-        self.loop = TrainLoop(cfg, "rl", cfg.rl, model, total_steps, acc, adapter=RL)
-        if not self.loop.resumed:
-            self.loop.extra = {"beta": cfg.rl.beta}
+        self.loop = TrainLoop(cfg, "rl", cfg.rl, model, total_steps, acc, adapter=RL,
+                              extra={"beta": cfg.rl.beta})
         self.held_out = HeldOut(cfg, tokenizer)
         self.kl_target = O.best_of_n_kl(cfg.rl.best_of_n)
         if "eval_before" not in self.extra:

@@ -54,10 +54,11 @@ def optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float) -> tu
 
 class TrainLoop:
     """One stage's training: `stage` names its folder, metrics and messages; `optim` is its
-    optimizer section; `adapter` the peft adapter that trains and is saved."""
+    optimizer section; `adapter` the peft adapter that trains and is saved; `extra` the
+    stage's own state a fresh run starts with (a resumed one gets the checkpoint's)."""
 
     def __init__(self, cfg: Config, stage: str, optim, model, total_steps: int, acc,
-                 adapter: str = "default"):
+                 adapter: str = "default", extra: dict | None = None):
         self.cfg, self.stage, self.optim, self.acc = cfg, stage, optim, acc
         self.total, self.adapter = total_steps, adapter
         optimizer = build_optimizer(model, optim)
@@ -65,9 +66,8 @@ class TrainLoop:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.out = cfg.run_dir / stage
         self.ckpt_dir = self.out / "checkpoints"
-        self.step, self.extra = 0, {}
+        self.step, self.extra = 0, dict(extra or {})
         last = checkpoint.latest(self.ckpt_dir)
-        self.resumed = last is not None
         if last is not None:
             self.step, self.extra = checkpoint.load(
                 last, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
