@@ -53,6 +53,7 @@ CASES = {  # name -> config overrides (and, for rl/naive, the separate reference
     "sft/random-batches": ("sft.batching=random",),
     "sft/all-logits": ("fast.completion_logits=false",),
     "sft/fp32": ("model.precision=fp32",),
+    "sft/fp32-weights": ("model.frozen_dtype=fp32",),
     "sft/bf16-weights": ("model.frozen_dtype=compute",),
     "generate/ours": (),
     "generate/unmerged": ("model.merged_sampling=false",),
@@ -61,12 +62,15 @@ CASES = {  # name -> config overrides (and, for rl/naive, the separate reference
     "generate/hf-generate-merged": (),
     "rl/ours": (),
     "rl/naive": ("fast.completion_logits=false", "fast.fused_logprobs=false",
-                 "fast.recorded_reference=false", "rl.share_prompt=false"),
+                 "fast.recorded_reference=false", "rl.share_prompt=false",
+                 "fast.merged_sft=false", "model.frozen_dtype=fp32"),
     "rl/reference-forward": ("fast.recorded_reference=false",),
     "rl/per-sample-prompt": ("rl.share_prompt=false",),
     "rl/all-logits": ("fast.completion_logits=false",),
     "rl/full-log-softmax": ("fast.fused_logprobs=false",),
     "rl/fp32": ("model.precision=fp32",),
+    "rl/unmerged-sft": ("fast.merged_sft=false",),
+    "rl/fp32-weights": ("model.frozen_dtype=fp32",),
     "rl/bf16-weights": ("model.frozen_dtype=compute",),
 }
 
@@ -77,6 +81,22 @@ def peak_memory_mib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_name() -> str:
+    """The CPU's model name, and whether it has AMX / AVX-512 bf16 units (every table says)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.processor() or "unknown CPU"
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines()
+                 if l.startswith("model name")), "unknown CPU")
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines()
+                      if l.startswith("flags")), []))
+    units = ("AMX bf16" if "amx_bf16" in flags else "no AMX") + \
+        (", AVX-512 bf16" if "avx512_bf16" in flags else "")
+    return f"{name} ({os.cpu_count()} cores, {units})"
 
 
 def matmul_peak(device, dtype, n: int = 2048, reps: int = 5) -> float:
@@ -153,7 +173,8 @@ def prepare(cfg, work: Path, n_samples: int) -> None:
     (work / "records.json").write_text(json.dumps([r.to_row() for r in records]))
 
 
-def run_sft(cfg, work, warmup, steps):
+def sft_step(cfg, n_steps):
+    """One SFT optimizer step as a function of its index, and the device and dtype."""
     from posttrain import modeling, sft
     from posttrain.data import collate
     from posttrain.train.dist import setup_accelerator
@@ -187,9 +208,14 @@ def run_sft(cfg, work, warmup, steps):
         optimizer.zero_grad(set_to_none=True)
         return tokens, flops
 
-    if len(plan) < (warmup + steps) * ga:
-        raise SystemExit(f"sft: only {len(plan)} micro-batches for {warmup + steps} steps")
-    return timed(step, warmup, steps, acc.device), acc.device, dtype
+    if len(plan) < n_steps * ga:
+        raise SystemExit(f"sft: only {len(plan)} micro-batches for {n_steps} steps")
+    return step, acc.device, dtype
+
+
+def run_sft(cfg, work, warmup, steps):
+    step, device, dtype = sft_step(cfg, warmup + steps)
+    return timed(step, warmup, steps, device), device, dtype
 
 
 def run_generate(cfg, work, warmup, steps, case):
@@ -247,7 +273,8 @@ def run_generate(cfg, work, warmup, steps, case):
     return timed(step, warmup, steps, device), device, dtype
 
 
-def run_rl(cfg, work, warmup, steps, case):
+def rl_step(cfg, work, case, n_steps):
+    """One offline RL optimizer step as a function of its index, and the device and dtype."""
     from posttrain import modeling
     from posttrain.rl.credit import step_rewards
     from posttrain.rl.plan import step_plan
@@ -262,8 +289,8 @@ def run_rl(cfg, work, warmup, steps, case):
     reward, stop_reward = step_rewards(records, [r.length(cfg.reward.unit) for r in records],
                                        tok, cfg)
     plan = step_plan(records, cfg, epochs=1.0)
-    if len(plan) < warmup + steps:
-        raise SystemExit(f"rl: only {len(plan)} steps of samples for {warmup + steps}")
+    if len(plan) < n_steps:
+        raise SystemExit(f"rl: only {len(plan)} steps of samples for {n_steps}")
     model = modeling.load_policy(cfg, acc.device, adapter, rl="new")
     N, d, V = model_dims(model)
     reference = None
@@ -287,7 +314,12 @@ def run_rl(cfg, work, warmup, steps, case):
                      for g in groups for i in g)
         return tokens, 2 * (2 * N * (prompt_once + comp) + 2 * d * V * comp)
 
-    return timed(step, warmup, steps, acc.device), acc.device, dtype
+    return step, acc.device, dtype
+
+
+def run_rl(cfg, work, warmup, steps, case):
+    step, device, dtype = rl_step(cfg, work, case, warmup + steps)
+    return timed(step, warmup, steps, device), device, dtype
 
 
 def child(args, overrides) -> None:

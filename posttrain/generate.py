@@ -27,6 +27,7 @@ from posttrain.config import Config
 from posttrain.done import finished
 from posttrain.model.adapters import load_policy, sampler
 from posttrain.model.load import autocast, resolve_model_path, sampling_setup
+from posttrain.model.choices import DeviceChoices
 from posttrain.rollout import collect as C
 from posttrain.rollout import vllm as vllm_backend
 from posttrain.rollout.prompts import draw_targets, train_prompt_pool
@@ -34,12 +35,12 @@ from posttrain.rollout.store import length_stats, save_set, tokenizer_fingerprin
 from posttrain.types import Rollout
 
 
-def _draws(cfg: Config, prompts: list) -> list[int]:
+def _draws(cfg: Config, prompts: list, device) -> list[int]:
     """The prompts drawn, with replacement (seeded); each gives samples_per_prompt samples."""
     g = cfg.generate
     draws = torch.randint(len(prompts), (g.num_samples // g.samples_per_prompt,),
                           generator=seeds.generator(seeds.generate_draws(cfg.seed))).tolist()
-    if g.group_by_length:  # stable: equal lengths keep their draw order
+    if DeviceChoices(cfg, device).group_by_length:  # stable: equal lengths keep their order
         draws = sorted(draws, key=lambda i: len(prompts[i]))
     return draws
 
@@ -64,7 +65,7 @@ def _sample(cfg: Config, tokenizer, texts: list, prompts: list, device, dtype) -
     new tokens sampled by this call, seconds)."""
     g, out = cfg.generate, cfg.run_dir / "generate"
     model = load_policy(cfg, device, cfg.run_dir / "sft" / "adapter").eval()
-    draws = _draws(cfg, prompts)
+    draws = _draws(cfg, prompts, device)
     jobs = C.make_jobs([texts[i] for i in draws], [prompts[i] for i in draws], g.batch_size,
                        tokenizer, cfg, lambda b, s, n: draw_targets(
                            n, cfg, seeds.generate_targets(cfg.seed, b)))

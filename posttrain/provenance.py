@@ -8,8 +8,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from posttrain.config import Config, to_yaml
 from posttrain.io import atomic_write_json, atomic_write_text
+from posttrain.model.choices import DeviceChoices
+from posttrain.model.load import resolve_device
 
 
 def write_config(cfg: Config, stage: Optional[str] = None) -> Path:
@@ -20,7 +24,7 @@ def write_config(cfg: Config, stage: Optional[str] = None) -> Path:
     atomic_write_text(path, text)
     if stage is not None:
         atomic_write_text(cfg.run_dir / stage / "config.yaml", text)
-        atomic_write_json(cfg.run_dir / stage / "environment.json", environment())
+        atomic_write_json(cfg.run_dir / stage / "environment.json", environment(cfg))
     return path
 
 
@@ -32,9 +36,10 @@ def record_config(cfg: Config, stage: str) -> None:
         write_config(cfg, stage)
 
 
-def environment() -> dict:
+def environment(cfg: Optional[Config] = None) -> dict:
     """What made a stage's outputs: package versions, the posttrain git commit (when run
-    from a checkout; `dirty` when it has uncommitted changes), Python and the device."""
+    from a checkout; `dirty` when it has uncommitted changes), Python, the device, and (with
+    `cfg`) what each device-dependent `auto` setting resolved to (`device_choices`)."""
     versions = {}
     for pkg in ("posttrain", "torch", "transformers", "peft", "accelerate", "datasets"):
         try:
@@ -52,9 +57,10 @@ def environment() -> dict:
                                         capture_output=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    import torch  # here, not at the top: only this function needs torch
-
-    return {"versions": versions, "git_commit": commit, "git_dirty": dirty,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.version.cuda, "cuda_device": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available() else None}
+    env = {"versions": versions, "git_commit": commit, "git_dirty": dirty,
+           "python": platform.python_version(), "platform": platform.platform(),
+           "cuda": torch.version.cuda, "cuda_device": torch.cuda.get_device_name(0)
+           if torch.cuda.is_available() else None}
+    if cfg is not None:
+        env["device_choices"] = DeviceChoices(cfg, resolve_device(cfg.model)).record()
+    return env

@@ -14,6 +14,11 @@ def _choice(value, name: str, allowed: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
+def _auto_bool(value, name: str) -> None:
+    if not isinstance(value, bool) and value != "auto":
+        raise ConfigError(f"{name}={value!r} must be true, false or 'auto'")
+
+
 def _positive(value, name: str, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")

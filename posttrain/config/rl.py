@@ -5,9 +5,9 @@ RLAdvantage, RLKL and RLHeldOut. RLConfig inherits them all and runs their check
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
-from posttrain.config.base import ConfigError, OptimConfig, _choice, _positive
+from posttrain.config.base import ConfigError, OptimConfig, _auto_bool, _choice, _positive
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,11 @@ class RLRun:
     """Dropout on the RL adapter's input. 0 keeps the policy deterministic, so the PPO ratio
     measures the update and not dropout noise (and the step skips the dropout work); the
     seed's config sets 0.1 (lora.dropout is the SFT adapter's)."""
-    share_prompt: bool = True
+    share_prompt: Union[bool, str] = "auto"
     """Run each prompt once for all its samples in a training step (exact: gradients flow
-    through the shared cache). false runs every sample with its own copy of the prompt."""
+    through the shared cache). false runs every sample with its own copy of the prompt.
+    `auto`: true on CPU, false on CUDA (README's H200 table: there the two passes in
+    sequence cost more than the repeated prompt saves)."""
     loss_agg: str = "token"
     """`token`: the loss is averaged over all completion tokens of the step (the seed).
     `sequence`: averaged within each sample, then over samples."""
@@ -43,6 +45,7 @@ class RLRun:
         _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence"))
         for name in ("batch_size", "grad_accum", "clip_eps"):
             _positive(getattr(self, name), f"rl.{name}")
+        _auto_bool(self.share_prompt, "rl.share_prompt")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"rl.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if not 0 < self.clip_eps < 1:

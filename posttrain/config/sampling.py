@@ -3,9 +3,9 @@ and `eval` (the held-out comparison)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
-from posttrain.config.base import ConfigError, _choice, _positive
+from posttrain.config.base import ConfigError, _auto_bool, _choice, _positive
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,10 @@ class GenerateConfig:
     RL never read."""
     push_to_hub: Optional[str] = None
     """Hub dataset repo id to push the generated set to; null keeps it local."""
-    group_by_length: bool = True
+    group_by_length: Union[bool, str] = "auto"
     """Batch the drawn prompts in order of length (less left-padding in the prompt pass and
-    the cache); false keeps the draw order (the plain way, for comparison)."""
+    the cache); false keeps the draw order (the plain way, for comparison). `auto`: true on
+    CPU, false on CUDA (README's H200 table: unsorted batches sampled faster there)."""
     backend: str = "hf"
     """Who samples the generation stage's set: `hf` (posttrain's sampler: one prompt pass
     per group, finished rows leave the batch) or `vllm` (CUDA and the vllm package; the
@@ -48,6 +49,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         _choice(self.backend, "generate.backend", ("hf", "vllm"))
+        _auto_bool(self.group_by_length, "generate.group_by_length")
         _positive(self.num_samples, "generate.num_samples")
         if self.max_prompts is not None:
             _positive(self.max_prompts, "generate.max_prompts")

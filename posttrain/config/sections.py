@@ -26,14 +26,15 @@ class ModelConfig:
     """Allow model code from the Hub to run. Off unless you trust the repository."""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu` or `cuda`."""
-    frozen_dtype: str = "fp32"
-    """Storage dtype of the frozen base weights: `fp32`, or `compute` (the compute dtype:
-    bf16 where model.precision resolves to bf16). `compute` halves the base model's memory
-    and removes autocast's per-forward weight casts; the residual stream is then bf16 too
-    (pure bf16, as most GPU recipes run). The LoRA weights stay fp32 either way; a 4-bit
-    base is unaffected. Faster RL steps, but on the demo RL learned far less (README,
-    "Speed: benchmarks and fast paths"): the bf16 residual stream rounds away small
-    adapter changes. Not for RL at small learning rates."""
+    frozen_dtype: str = "auto"
+    """Storage dtype of the frozen base weights: `fp32`; `matmul` (the linear layers' weights,
+    LM head included, stored in bf16 when the compute dtype is bf16; norms, embeddings, the
+    residual stream and the LoRA weights stay fp32: the same numbers as fp32 storage under
+    autocast, which would cast each weight to bf16 on every forward, without those casts);
+    `compute` (every frozen weight in the compute dtype: the residual stream is then bf16
+    too, pure bf16 as most GPU recipes run; on the demo RL learned far less with it, README
+    "Speed"); or `auto` (`matmul` where the compute dtype is bf16, else fp32). A 4-bit base
+    is unaffected."""
     merged_sampling: bool = True
     """Sample (generate, eval, RL's held-out checks) from a copy of the policy with its LoRA
     adapters merged into the weights, in the compute dtype, without autocast: no per-call
@@ -43,7 +44,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _choice(self.precision, "model.precision", ("auto", "fp32", "bf16"))
-        _choice(self.frozen_dtype, "model.frozen_dtype", ("fp32", "compute"))
+        _choice(self.frozen_dtype, "model.frozen_dtype", ("auto", "fp32", "matmul", "compute"))
         _choice(self.device, "model.device", ("auto", "cpu", "cuda"))
 
 
@@ -208,3 +209,8 @@ class FastConfig:
     recorded_reference: bool = True
     """Offline RL: the behaviour log-probs recorded at generation (the SFT policy's) are the
     KL reference; false: a reference forward (adapter off) on every step."""
+    merged_sft: bool = True
+    """RL, generate and eval (without the base model): the frozen SFT adapter is merged into
+    the base weights (in fp32) once at load, so each forward runs one adapter (RL's) instead
+    of two; the same policy up to float rounding. false: the SFT adapter stays a peft
+    adapter beside RL's. A 4-bit base is never merged."""

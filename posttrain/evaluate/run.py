@@ -71,8 +71,8 @@ def _load_models(cfg: Config, device):
                           "`posttrain rl` first or set eval.models=[base,sft]")
     if wanted == {"base"}:
         return load_base_model(cfg.model, device), False
-    return (load_policy(cfg, device, sft_dir, rl=rl_dir if "rl" in wanted else None),
-            "rl" in wanted)
+    return (load_policy(cfg, device, sft_dir, rl=rl_dir if "rl" in wanted else None,
+                        with_base="base" in wanted), "rl" in wanted)
 
 
 def _prompts(cfg: Config, tokenizer) -> tuple[list[dict], list]:

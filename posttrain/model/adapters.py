@@ -12,7 +12,8 @@ import torch
 
 from posttrain.config import LoraConfig
 from posttrain.io import atomic_dir
-from posttrain.model.load import ModelError, autocast, check_context, load_base_model
+from posttrain.model.load import (ModelError, autocast, check_context, load_base_model,
+                                  store_frozen)
 
 
 def _peft_config(cfg: LoraConfig, dropout: float | None = None):
@@ -68,16 +69,24 @@ def save_adapter(model, tokenizer, path: Path, adapter: str | None = None) -> No
 SFT, RL = "sft", "rl"
 
 
-def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None = None):
+def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None = None,
+                with_base: bool = False):
     """The SFT model (base + frozen SFT adapter), plus an RL adapter on top when `rl` is a
     saved adapter's folder or "new" (fresh LoRA: the policy starts equal to the SFT model).
     With the RL adapter disabled (`sft_only`) the same weights are the frozen SFT policy, so
-    no second model is held in memory."""
+    no second model is held in memory. With fast.merged_sft (and no 4-bit base) the SFT
+    adapter is merged into the base weights; `with_base` keeps it an adapter, for a caller
+    that also runs the bare base model (the adapter disabled)."""
     if not (Path(sft_dir) / "adapter_config.json").is_file():
         raise ModelError(f"{sft_dir}: no SFT adapter; run `posttrain sft` first")
-    base = load_base_model(cfg.model, device)
+    merge = cfg.fast.merged_sft and not cfg.model.load_in_4bit and not with_base
+    base = load_base_model(cfg.model, device, store=False)
     check_context(cfg, base)
     model = load_adapter(base, sft_dir, trainable=False, name=SFT)
+    if merge:  # in fp32, before the frozen weights are stored in their dtype
+        model = store_frozen(model.merge_and_unload(), cfg.model, device)
+        return model if rl is None else _with_rl(model, cfg, rl)
+    store_frozen(model, cfg.model, device)
     # The SFT adapter is frozen: no dropout on it even in train mode, or pi_sft would be
     # noisy in the ratio and the KL.
     for module in model.modules():
@@ -94,6 +103,16 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
     return model
 
 
+def _with_rl(model, cfg, rl):
+    """The merged SFT model with the RL adapter (fresh or saved) as its only adapter."""
+    from peft import PeftModel, get_peft_model  # heavy: peft imports transformers
+
+    if rl == "new":
+        return get_peft_model(model, _peft_config(cfg.lora, cfg.rl.lora_dropout),
+                              adapter_name=RL)
+    return PeftModel.from_pretrained(model, str(rl), adapter_name=RL, is_trainable=True)
+
+
 def _activate(model, adapters: tuple) -> None:
     """Make `adapters` active together; only the RL adapter's weights train."""
     model.base_model.set_adapter(list(adapters) if len(adapters) > 1 else adapters[0])
@@ -103,7 +122,12 @@ def _activate(model, adapters: tuple) -> None:
 
 @contextmanager
 def sft_only(model):
-    """Run the policy with its RL adapter disabled: the frozen SFT model."""
+    """Run the policy with its RL adapter disabled: the frozen SFT model (with the SFT
+    adapter active, or merged into the base weights)."""
+    if SFT not in model.peft_config:
+        with model.disable_adapter():
+            yield model
+        return
     _activate(model, (SFT,))
     try:
         yield model

@@ -57,16 +57,18 @@ def _interleave(first: torch.Tensor, rest: torch.Tensor, flat: list, device) -> 
     return logits
 
 
-def grouped_completion_logits(model, prompts: list, completions: list, pad_id: int,
-                              device, only_needed: bool = True) -> torch.Tensor:
-    """Logits (N, V) for every completion token of every sample, with each prompt's forward
-    pass shared by its group: the prompts run once (left-padded, cache on), the cache is
-    repeated G times, and the completions run against it. Gradients flow through the
-    repeated cache into the prompt pass, so the result (and its gradient) equals running
-    each prompt + completion alone, at a fraction of the prompt cost.
+def grouped_logit_parts(model, prompts: list, completions: list, pad_id: int, device,
+                        only_needed: bool = True) -> tuple:
+    """The logits of every completion token of prompt groups whose prompt runs once for the
+    group, in two parts: (first (B, V): each prompt's last position, which predicts the
+    first token of each of its G samples; rest (M, V): every later token, sample by sample,
+    or None when every completion is one token). The prompts run once (left-padded, cache
+    on), the cache is repeated G times, and the completions run against it. Gradients flow
+    through the repeated cache into the prompt pass, so the result (and its gradient)
+    equals running each prompt + completion alone, at a fraction of the prompt cost.
 
     prompts: B token lists; completions: B groups of G token lists each (G equal across
-    groups). Rows come sample by sample (group-major), token by token.
+    groups).
     """
     G = len(completions[0])
     if any(len(g) != G for g in completions):
@@ -76,10 +78,9 @@ def grouped_completion_logits(model, prompts: list, completions: list, pad_id: i
     ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=pmask, position_ids=ppos, use_cache=True,
                 logits_to_keep=1)
-    first = out.logits[:, -1].repeat_interleave(G, 0)                  # (N, V)
     flat = [list(c) for g in completions for c in g]
     if max(len(c) for c in flat) == 1:
-        return first
+        return out.logits[:, -1], None
     # 2. the completions against the repeated cache: token j predicts token j+1
     cache = out.cache
     cache.batch_repeat_interleave(G)
@@ -90,10 +91,45 @@ def grouped_completion_logits(model, prompts: list, completions: list, pad_id: i
                  attention_mask=torch.cat([pmask.repeat_interleave(G, 0), cmask], 1),
                  position_ids=pos, cache=cache, use_cache=True,
                  logits_to_keep=cmask.bool() if only_needed else 0).logits      # (M, V)
-    if not only_needed:
-        rest = rest[cmask.bool()]
-    # 3. interleave: for each sample its first-token logits, then the rest in order
-    return _interleave(first, rest, flat, device)
+    return out.logits[:, -1], rest if only_needed else rest[cmask.bool()]
+
+
+def grouped_completion_logits(model, prompts: list, completions: list, pad_id: int,
+                              device, only_needed: bool = True) -> torch.Tensor:
+    """grouped_logit_parts interleaved: logits (N, V) for every completion token of every
+    sample, sample by sample (group-major), token by token."""
+    first, rest = grouped_logit_parts(model, prompts, completions, pad_id, device, only_needed)
+    first = first.repeat_interleave(len(completions[0]), 0)            # (samples, V)
+    if rest is None:
+        return first
+    return _interleave(first, rest, [c for g in completions for c in g], device)
+
+
+def _logprobs(logits, targets, stop_id, fused) -> LogProbs:
+    if stop_id is not None:
+        return LogProbs(*O.target_and_stop_logprobs(logits, targets, stop_id, fused))
+    return LogProbs(O.gather_logprobs(logits, targets, fused), None)
+
+
+def _grouped_logprobs(model, prompts, completions, pad_id, device, stop_id, fast) -> LogProbs:
+    """Log-probs (N,) of the groups' completion tokens from grouped_logit_parts: each part
+    reduced to its log-probs, then the (N,) vectors put in order (no (N, V) copy)."""
+    only = fast is None or fast.completion_logits
+    fused = fast is None or fast.fused_logprobs
+    first, rest = grouped_logit_parts(model, prompts, completions, pad_id, device, only)
+    flat = [c for g in completions for c in g]
+    row = torch.arange(len(prompts), device=device).repeat_interleave(len(completions[0]))
+    parts = [(first[row], [c[0] for c in flat])]
+    if rest is not None:
+        parts.append((rest, [t for c in flat for t in c[1:]]))
+    out = [_logprobs(lg, torch.tensor(tg, device=device), stop_id, fused) for lg, tg in parts]
+    if len(out) == 1:
+        return out[0]
+    a, b = out
+    tokens = _interleave(a.tokens[:, None], b.tokens[:, None], flat, device)[:, 0]
+    stop = None if a.stop is None else \
+        _interleave(a.stop[:, None], b.stop[:, None], flat, device)[:, 0]
+    return LogProbs(tokens, stop)
 
 
 def policy_logprobs(model, samples: Sequence, groups: list, pad_id: int, device,
@@ -103,18 +139,13 @@ def policy_logprobs(model, samples: Sequence, groups: list, pad_id: int, device,
     for its group (share_prompt), or each sample with its own prompt. With `stop_id`, also
     log pi(stop_id) at the same positions. `fast` (a FastConfig; None: all on) switches
     the LM-head slicing and the fused log-prob gather."""
-    only = fast is None or fast.completion_logits
-    fused = fast is None or fast.fused_logprobs
     if share_prompt:
-        logits = grouped_completion_logits(
-            model, [samples[g[0]].prompt_ids for g in groups],
-            [[samples[i].completion_ids for i in g] for g in groups], pad_id, device, only)
-    else:
-        batch = collate([Example(tuple(samples[i].prompt_ids), tuple(samples[i].completion_ids))
-                         for g in groups for i in g], pad_id).to(device)
-        logits = completion_logits(model, batch, only)
+        return _grouped_logprobs(model, [samples[g[0]].prompt_ids for g in groups],
+                                 [[samples[i].completion_ids for i in g] for g in groups],
+                                 pad_id, device, stop_id, fast)
+    batch = collate([Example(tuple(samples[i].prompt_ids), tuple(samples[i].completion_ids))
+                     for g in groups for i in g], pad_id).to(device)
+    logits = completion_logits(model, batch, fast is None or fast.completion_logits)
     targets = torch.tensor([t for g in groups for i in g for t in samples[i].completion_ids],
                            device=device)
-    if stop_id is not None:
-        return LogProbs(*O.target_and_stop_logprobs(logits, targets, stop_id, fused))
-    return LogProbs(O.gather_logprobs(logits, targets, fused), None)
+    return _logprobs(logits, targets, stop_id, fast is None or fast.fused_logprobs)

@@ -46,14 +46,29 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """bf16 or fp32, resolving `auto` by what the device supports."""
+    """model.precision: bf16 or fp32. `auto` is bf16 on a CPU that supports it, fp32 on
+    CUDA (README's H200 table: plain fp32 beat bf16 autocast) and on CPUs without bf16."""
     if cfg.precision == "bf16":
         if not bf16_supported(device):
             raise ModelError(f"model.precision=bf16 but this {device.type} does not support bf16")
         return torch.bfloat16
-    if cfg.precision == "auto" and bf16_supported(device):
+    if cfg.precision == "auto" and device.type == "cpu" and bf16_supported(device):
         return torch.bfloat16
     return torch.float32
+
+
+def frozen_storage(cfg: ModelConfig, device: torch.device) -> str:
+    """model.frozen_dtype resolved: `auto` is `matmul` where the compute dtype is bf16, else
+    fp32; `matmul` under fp32 compute is fp32 (nothing to store in bf16); a 4-bit base
+    keeps its own storage (fp32 here: nothing to cast)."""
+    if cfg.load_in_4bit:
+        return "fp32"
+    bf16 = compute_dtype(cfg, device) == torch.bfloat16
+    if cfg.frozen_dtype == "auto":
+        return "matmul" if bf16 else "fp32"
+    if cfg.frozen_dtype == "matmul" and not bf16:
+        return "fp32"
+    return cfg.frozen_dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -174,9 +189,10 @@ def sampling_setup(cfg) -> tuple:
     return device, compute_dtype(cfg.model, device), tokenizer
 
 
-def load_base_model(cfg: ModelConfig, device: torch.device):
-    """The frozen base model on `device`: fp32 weights (the compute dtype with
-    model.frozen_dtype=compute), or 4-bit NF4 for QLoRA."""
+def load_base_model(cfg: ModelConfig, device: torch.device, store: bool = True):
+    """The frozen base model on `device`: fp32 weights, stored as model.frozen_dtype resolves
+    (`store=False` leaves them fp32, for a caller that merges an adapter first and then
+    calls `store_frozen`), or 4-bit NF4 for QLoRA."""
     from transformers import AutoModelForCausalLM  # heavy: loaded on first use
 
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
@@ -191,9 +207,31 @@ def load_base_model(cfg: ModelConfig, device: torch.device):
         raise ModelError(f"could not load model.name={cfg.name!r}: {str(e).splitlines()[0]}") from e
     if not cfg.load_in_4bit:
         model.to(device)
-        if cfg.frozen_dtype == "compute":  # no per-forward casts of the frozen weights
-            model.to(compute_dtype(cfg, device))
     model.requires_grad_(False)
+    return store_frozen(model, cfg, device) if store else model
+
+
+def store_frozen(model, cfg: ModelConfig, device: torch.device):
+    """Store the frozen weights as model.frozen_dtype resolves: `compute` casts the whole
+    model (buffers too); `matmul` the weights of its linear layers and of the LM head
+    (untied from the embedding, which stays fp32), so autocast has no weight left to cast,
+    and the numbers are autocast's over fp32 weights. LoRA weights (`lora_` modules) stay fp32."""
+    storage, dtype = frozen_storage(cfg, device), compute_dtype(cfg, device)
+    if storage == "compute":
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if "lora_" not in name and t.is_floating_point():
+                t.data = t.data.to(dtype)
+    elif storage == "matmul":
+        head = model.get_output_embeddings()
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and module is not head \
+                    and "lora_" not in name:
+                module.weight.data = module.weight.data.to(dtype)
+                if module.bias is not None:  # autocast casts the bias too
+                    module.bias.data = module.bias.data.to(dtype)
+        if head is not None:  # its own bf16 copy: a tied embedding would be rounded too
+            head.weight = torch.nn.Parameter(head.weight.detach().to(dtype),
+                                             requires_grad=False)
     return model
 
 

@@ -18,6 +18,7 @@ import torch
 from posttrain import objectives as O
 from posttrain.config import Config
 from posttrain.model.adapters import sft_only
+from posttrain.model.choices import DeviceChoices
 from posttrain.model.forward import policy_logprobs
 from posttrain.rl.credit import abrupt_flags, step_advantages
 from posttrain.rl.plan import lengths_of
@@ -67,6 +68,11 @@ class StepContext(NamedTuple):
     ref_cache: Optional[dict] = None
     reference: object = None
 
+    @property
+    def share_prompt(self) -> bool:
+        """rl.share_prompt, `auto` resolved for the device."""
+        return DeviceChoices(self.cfg, self.acc.device).share_prompt
+
 
 def reference_logprobs(ctx: StepContext, rollouts, groups, ids, old) -> torch.Tensor:
     """The KL reference's log-probs (N,): the recorded ones (offline), a later PPO epoch's
@@ -81,7 +87,7 @@ def reference_logprobs(ctx: StepContext, rollouts, groups, ids, old) -> torch.Te
           contextlib.nullcontext(ctx.reference) if ctx.reference is not None
           else sft_only(acc.unwrap_model(ctx.model)) as ref_model):
         ref = policy_logprobs(ref_model, rollouts, groups, ctx.pad_id, acc.device,
-                              cfg.rl.share_prompt, fast=cfg.fast).tokens.float()
+                              ctx.share_prompt, fast=cfg.fast).tokens.float()
     if online:  # kept for the round's later PPO epochs
         for i, part in zip(ids, ref.split(lengths_of(rollouts, ids).tolist())):
             ctx.ref_cache[i] = part
@@ -138,7 +144,7 @@ def micro_pass(ctx: StepContext, rollouts, mb, offset: int, share: float, inputs
         # 2. log-probs of the sampled tokens under the current policy (and the reference)
         with acc.autocast():
             new = policy_logprobs(ctx.model, rollouts, mb.groups, ctx.pad_id, acc.device,
-                                  cfg.rl.share_prompt, ctx.eos if credit is not None else None,
+                                  ctx.share_prompt, ctx.eos if credit is not None else None,
                                   cfg.fast)
         ref = reference_logprobs(ctx, rollouts, mb.groups, ids, old)
         terms = loss_terms(ctx, new, old, adv, weight, policy_w, rollouts, ids, reward, credit,

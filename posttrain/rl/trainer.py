@@ -48,7 +48,7 @@ class Trainer:
         row, grad_norm, lr = self.loop.run_step(
             lambda: step_passes(ctx, rollouts, step, reward, credit))
         row.update(lr=lr, grad_norm=float(grad_norm), tokens_per_s=step_tokens(
-            rollouts, step, cfg.rl.share_prompt) / (time.perf_counter() - t0))
+            rollouts, step, ctx.share_prompt) / (time.perf_counter() - t0))
         # 6. beta: fixed, or steered toward the best-of-N KL target
         if cfg.rl.kl_control == "adaptive":
             self.extra["beta"] = O.adaptive_beta(self.extra["beta"], row["kl"], self.kl_target,

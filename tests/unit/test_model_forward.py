@@ -40,7 +40,8 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir
     sample with its own copy of the prompt; so does every other fast path switched off (the
     LM head at every position, a full log-softmax)."""
     from posttrain.config import FastConfig, ModelConfig
-    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
+    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
+                                     torch.device("cpu"))
     params = [p.requires_grad_() for p in model.parameters()]
     records = [Example(tuple(p), tuple(c)) for p, c in (
         ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
@@ -66,3 +67,26 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out[key + ("stop",)], out[True, True, True, "stop"],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_logprobs_equal_the_interleaved_logits_exactly(tiny_model_dir):
+    """The shared-prompt path reduces each part (first tokens, the rest) to log-probs before
+    putting them in order: bit for bit what the interleaved (N, V) logits give."""
+    from posttrain import objectives as O
+    from posttrain.config import ModelConfig
+    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
+                                     torch.device("cpu"))
+    records = [Example(tuple(p), tuple(c)) for p, c in (
+        ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
+        ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]))]
+    groups = [[0, 1], [2, 3]]
+    logits = modeling.grouped_completion_logits(
+        model, [records[g[0]].prompt_ids for g in groups],
+        [[records[i].completion_ids for i in g] for g in groups], 0, torch.device("cpu"))
+    targets = torch.tensor([t for g in groups for i in g for t in records[i].completion_ids])
+    got = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True)
+    assert torch.equal(got.tokens, O.gather_logprobs(logits, targets)) and got.stop is None
+    got = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
+                                   stop_id=1)
+    want = O.target_and_stop_logprobs(logits, targets, 1)
+    assert torch.equal(got.tokens, want[0]) and torch.equal(got.stop, want[1])

@@ -25,7 +25,7 @@ def two_adapter_policy(tiny_cfg):
     cfg = tiny_cfg("sft.max_steps=1", "data.max_train_rows=4")
     sft.run(cfg)
     model = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter",
-                                 rl="new").eval()
+                                 rl="new", with_base=True).eval()   # the SFT adapter kept
     with torch.no_grad():  # give the RL adapter a visible effect
         for name, p in model.named_parameters():
             if ".rl." in name and "lora_B" in name:
