@@ -10,18 +10,49 @@ import math
 import torch
 
 
+ROWS = 16  # rows of logits reduced at a time: one chunk stays in cache across its passes
+
+
+class _PickedLogProbs(torch.autograd.Function):
+    """log softmax(logits)[:, cols] for K columns per row (the target, and the stop token),
+    in chunks of ROWS rows: each chunk is upcast, reduced and, in backward, turned into its
+    gradient while it is in cache, instead of whole-tensor passes over (N, V) fp32 copies.
+    The log-probs are the plain ops' (logits.float(), logsumexp, gather) bit for bit: per
+    row the same reductions; the gradient is autograd's up to the order its terms are
+    summed in (one rounding step), in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, cols):                 # (N, V) any float, (N, K) long
+        lse = logits.new_empty(logits.shape[0], dtype=torch.float32)
+        for s in range(0, logits.shape[0], ROWS):
+            lse[s:s + ROWS] = torch.logsumexp(logits[s:s + ROWS].float(), -1)
+        ctx.save_for_backward(logits, cols, lse)
+        return logits.gather(-1, cols).float() - lse[:, None]         # (N, K) fp32
+
+    @staticmethod
+    def backward(ctx, grad):                        # (N, K)
+        logits, cols, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ROWS):
+            g = grad[s:s + ROWS]
+            part = torch.exp(logits[s:s + ROWS].float() - lse[s:s + ROWS, None])
+            part = part * -g.sum(-1, keepdim=True)
+            part.scatter_add_(-1, cols[s:s + ROWS], g)
+            out[s:s + ROWS] = part
+        return out, None
+
+
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor,
                     fused: bool = True) -> torch.Tensor:
-    """log softmax(logits)[target] without materialising the full log-softmax (`fused`;
-    False: the plain way, a full (N, V) log-softmax, then a gather).
+    """log softmax(logits)[target] without materialising the full log-softmax (`fused`:
+    in cache-sized chunks of rows, never an (N, V) fp32 copy; False: the plain way, a full
+    (N, V) log-softmax, then a gather).
 
     logits: (N, V) any float dtype; targets: (N,) long -> (N,) float32
     """
-    logits = logits.float()
     if not fused:
-        return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)      # (N,)
-    return picked - torch.logsumexp(logits, dim=-1)                    # (N,)
+        return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return _PickedLogProbs.apply(logits, targets.unsqueeze(-1))[:, 0]
 
 
 def target_and_stop_logprobs(logits: torch.Tensor, targets: torch.Tensor, stop_id: int,
@@ -29,13 +60,12 @@ def target_and_stop_logprobs(logits: torch.Tensor, targets: torch.Tensor, stop_i
     """log pi(target) and log pi(stop token) at every position, one logsumexp for both
     (`fused`; False: from a full log-softmax).
     logits: (N, V); targets: (N,) -> ((N,), (N,)) float32"""
-    logits = logits.float()
     if not fused:
-        logp = torch.log_softmax(logits, -1)
+        logp = torch.log_softmax(logits.float(), -1)
         return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logp[:, stop_id]
-    norm = torch.logsumexp(logits, dim=-1)                                         # (N,)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - norm, logits[:, stop_id] - norm
+    cols = torch.stack([targets, torch.full_like(targets, stop_id)], -1)          # (N, 2)
+    both = _PickedLogProbs.apply(logits, cols)
+    return both[:, 0], both[:, 1]
 
 
 def stop_credit_loss(logp_stop: torch.Tensor, stop_reward: torch.Tensor,

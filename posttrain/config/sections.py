@@ -4,9 +4,9 @@ string literal under it): `posttrain <stage> --help` prints it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
-from posttrain.config.base import ConfigError, OptimConfig, _choice, _positive
+from posttrain.config.base import ConfigError, OptimConfig, _auto_bool, _choice, _positive
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,12 @@ class ModelConfig:
     too, pure bf16 as most GPU recipes run; on the demo RL learned far less with it, README
     "Speed"); or `auto` (`matmul` where the compute dtype is bf16, else fp32). A 4-bit base
     is unaffected."""
+    gqa_attention: Union[bool, str] = "auto"
+    """Grouped-query attention (models with fewer key/value heads than query heads, such as
+    SmolLM2 and Llama-3.2) handed to the SDPA kernel as it is (`enable_gqa`), instead of
+    transformers repeating every key/value head before the call: the same output, without
+    the copies. `auto`: on CPU (on CUDA with a mask SDPA would fall back to its slow math
+    kernel). false: transformers' plain `sdpa`."""
     merged_sampling: bool = True
     """Sample (generate, eval, RL's held-out checks) from a copy of the policy with its LoRA
     adapters merged into the weights, in the compute dtype, without autocast: no per-call
@@ -46,6 +52,7 @@ class ModelConfig:
         _choice(self.precision, "model.precision", ("auto", "fp32", "bf16"))
         _choice(self.frozen_dtype, "model.frozen_dtype", ("auto", "fp32", "matmul", "compute"))
         _choice(self.device, "model.device", ("auto", "cpu", "cuda"))
+        _auto_bool(self.gqa_attention, "model.gqa_attention")
 
 
 @dataclass(frozen=True)
@@ -214,3 +221,14 @@ class FastConfig:
     the base weights (in fp32) once at load, so each forward runs one adapter (RL's) instead
     of two; the same policy up to float rounding. false: the SFT adapter stays a peft
     adapter beside RL's. A 4-bit base is never merged."""
+    length_chunks: bool = True
+    """RL's shared-prompt pass: run the completions against their prompts' cache in passes
+    of samples of similar length, each padded only to its own longest (the split that
+    minimises padded rows plus a fixed cost per pass), instead of one pass padded to the
+    step's longest completion. The same numbers up to float rounding."""
+    lora_input_casts: bool = False
+    """peft upcasts a LoRA layer's bf16 input to the adapter's fp32 before the adapter's
+    matmul, which autocast then casts back to bf16: the same numbers, two copies per layer.
+    false (the fast path) skips that upcast in layers without LoRA dropout (RL's adapter,
+    rl.lora_dropout=0), whose input then reaches the matmul as it came; true keeps peft's
+    casts."""

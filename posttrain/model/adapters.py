@@ -85,7 +85,7 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
     model = load_adapter(base, sft_dir, trainable=False, name=SFT)
     if merge:  # in fp32, before the frozen weights are stored in their dtype
         model = store_frozen(model.merge_and_unload(), cfg.model, device)
-        return model if rl is None else _with_rl(model, cfg, rl)
+        return model if rl is None else _skip_input_casts(_with_rl(model, cfg, rl), cfg)
     store_frozen(model, cfg.model, device)
     # The SFT adapter is frozen: no dropout on it even in train mode, or pi_sft would be
     # noisy in the ratio and the KL.
@@ -100,6 +100,21 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
     else:
         model.load_adapter(str(rl), adapter_name=RL, is_trainable=True)
     _activate(model, (SFT, RL))
+    return _skip_input_casts(model, cfg)
+
+
+def _skip_input_casts(model, cfg):
+    """fast.lora_input_casts=false: LoRA layers without dropout take their input as it comes
+    (under autocast the adapter's matmul casts it to bf16 either way; peft would upcast it to
+    fp32 first, and autocast back)."""
+    if cfg.fast.lora_input_casts:
+        return model
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict) and \
+                hasattr(module, "cast_input_dtype_enabled") and \
+                all(isinstance(d, torch.nn.Identity) for d in dropouts.values()):
+            module.cast_input_dtype_enabled = False
     return model
 
 

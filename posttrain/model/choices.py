@@ -5,7 +5,8 @@ properties, what each `auto` field means on that device, and `record()` is what 
 writes into its environment.json. The CPU choices were measured on 2 cores (README,
 "Speed"); the CUDA ones come from the README's H200 table (a 1B-shaped model): there plain
 fp32 beat bf16 autocast over fp32 weights, each sample with its own prompt beat the shared
-prompt pass, and unsorted generation batches beat length-sorted ones.
+prompt pass, and unsorted generation batches beat length-sorted ones; and SDPA's grouped
+heads with a mask would run its math kernel there.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.config import Config
-from posttrain.model.load import compute_dtype, frozen_storage
+from posttrain.model.load import compute_dtype, frozen_storage, gqa_attention
 
 
 def _on_cpu(value, device: torch.device) -> bool:
@@ -36,6 +37,10 @@ class DeviceChoices:
         return frozen_storage(self.cfg.model, self.device)
 
     @property
+    def gqa_attention(self) -> bool:
+        return gqa_attention(self.cfg.model, self.device)
+
+    @property
     def share_prompt(self) -> bool:
         """rl.share_prompt: `auto` shares each prompt's pass on CPU, not on CUDA."""
         return _on_cpu(self.cfg.rl.share_prompt, self.device)
@@ -51,5 +56,6 @@ class DeviceChoices:
         return {"device": str(self.device),
                 "model.precision": [c.model.precision, str(self.precision).split(".")[-1]],
                 "model.frozen_dtype": [c.model.frozen_dtype, self.frozen_dtype],
+                "model.gqa_attention": [c.model.gqa_attention, self.gqa_attention],
                 "rl.share_prompt": [c.rl.share_prompt, self.share_prompt],
                 "generate.group_by_length": [c.generate.group_by_length, self.group_by_length]}

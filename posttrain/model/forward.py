@@ -44,31 +44,42 @@ def _completion_inputs(flat: list[list[int]], pad_id: int, device):
     return inputs.to(device), cmask.to(device)
 
 
-def _interleave(first: torch.Tensor, rest: torch.Tensor, flat: list, device) -> torch.Tensor:
-    """For each sample its first-token logits (from the prompt pass), then the rest in
-    order: (N_tokens, V)."""
-    counts = torch.tensor([len(c) for c in flat], device=device)
-    starts = torch.cumsum(counts, 0) - counts                          # (N,) row of first token
-    rows = torch.ones(int(counts.sum()), dtype=torch.bool, device=device)
-    rows[starts] = False
-    logits = first.new_empty((int(counts.sum()), first.shape[-1]))
-    logits[starts] = first
-    logits[rows] = rest
-    return logits
+CALL_COST = 64  # a completion pass's fixed cost, in padded token rows (length_chunks)
+
+
+def length_chunks(lengths: list[int], call_cost: int = CALL_COST) -> list[list[int]]:
+    """Sample indices in chunks of similar length (longest first), for completion passes
+    that each pad only to their own longest: the split that minimises the padded rows plus
+    `call_cost` per pass (0 chunks the most, a huge cost keeps one pass)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n          # best[j]: the first j samples, chunked
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):                     # one chunk holds order[i:j]; its longest: i
+            cost = best[i] + call_cost + (j - i) * lengths[order[i]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks, j = [], n
+    while j > 0:
+        chunks.append(order[cut[j]:j])
+        j = cut[j]
+    return chunks[::-1]
 
 
 def grouped_logit_parts(model, prompts: list, completions: list, pad_id: int, device,
-                        only_needed: bool = True) -> tuple:
+                        only_needed: bool = True, chunked: bool = True) -> tuple:
     """The logits of every completion token of prompt groups whose prompt runs once for the
-    group, in two parts: (first (B, V): each prompt's last position, which predicts the
-    first token of each of its G samples; rest (M, V): every later token, sample by sample,
-    or None when every completion is one token). The prompts run once (left-padded, cache
-    on), the cache is repeated G times, and the completions run against it. Gradients flow
-    through the repeated cache into the prompt pass, so the result (and its gradient)
+    group: (first (B, V): each prompt's last position, which predicts the first token of
+    each of its G samples; parts: [(sample indices, logits (M, V) of their later tokens,
+    sample by sample)]). The prompts run once (left-padded, cache on); the completions run
+    against the cache repeated for each sample, in one pass, or (`chunked`) in passes of
+    samples of similar length (length_chunks), each padded only to its own longest. The
+    gradients flow through the cache into the prompt pass, so the result (and its gradient)
     equals running each prompt + completion alone, at a fraction of the prompt cost.
 
     prompts: B token lists; completions: B groups of G token lists each (G equal across
-    groups).
+    groups). Samples are numbered group-major.
     """
     G = len(completions[0])
     if any(len(g) != G for g in completions):
@@ -79,30 +90,51 @@ def grouped_logit_parts(model, prompts: list, completions: list, pad_id: int, de
     out = model(input_ids=ids, attention_mask=pmask, position_ids=ppos, use_cache=True,
                 logits_to_keep=1)
     flat = [list(c) for g in completions for c in g]
-    if max(len(c) for c in flat) == 1:
-        return out.logits[:, -1], None
-    # 2. the completions against the repeated cache: token j predicts token j+1
-    cache = out.cache
-    cache.batch_repeat_interleave(G)
-    inputs, cmask = _completion_inputs(flat, pad_id, device)
-    pos = ppos[:, -1:].repeat_interleave(G, 0) + 1 + torch.arange(inputs.shape[1],
-                                                                 device=device)
-    rest = model(input_ids=inputs,
-                 attention_mask=torch.cat([pmask.repeat_interleave(G, 0), cmask], 1),
-                 position_ids=pos, cache=cache, use_cache=True,
-                 logits_to_keep=cmask.bool() if only_needed else 0).logits      # (M, V)
-    return out.logits[:, -1], rest if only_needed else rest[cmask.bool()]
+    later = [len(c) - 1 for c in flat]
+    chunks = length_chunks(later) if chunked else [list(range(len(flat)))]
+    parts = [_completion_pass(model, out.cache, [i for i in c if later[i]], flat, G, pmask,
+                              ppos, pad_id, device, only_needed) for c in chunks]
+    return out.logits[:, -1], [p for p in parts if p is not None]
+
+
+def _completion_pass(model, cache, samples, flat, G, pmask, ppos, pad_id, device, only):
+    """2. these samples' completions against their prompts' cache rows: token j predicts
+    token j+1; (samples, logits) or None when none has a later token."""
+    from transformers import DynamicCache  # heavy: loaded on first use
+
+    if not samples:
+        return None
+    rows = torch.tensor([i // G for i in samples], device=device)
+    mine = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, rows),
+                                         layer.values.index_select(0, rows))
+                                        for layer in cache.layers], config=model.config)
+    inputs, cmask = _completion_inputs([flat[i] for i in samples], pad_id, device)
+    pos = ppos[rows, -1:] + 1 + torch.arange(inputs.shape[1], device=device)
+    logits = model(input_ids=inputs, attention_mask=torch.cat([pmask[rows], cmask], 1),
+                   position_ids=pos, cache=mine, use_cache=True,
+                   logits_to_keep=cmask.bool() if only else 0).logits          # (M, V)
+    return samples, logits if only else logits[cmask.bool()]
+
+
+def _token_order(flat: list, parts: list, device) -> torch.Tensor:
+    """Where each row of [first tokens; the parts' rows] goes among the samples' tokens in
+    order (sample by sample, token by token): the permutation that puts them there."""
+    counts = torch.tensor([len(c) for c in flat])
+    starts = torch.cumsum(counts, 0) - counts
+    dest = [starts]
+    for samples, _ in parts:
+        dest += [torch.arange(starts[i] + 1, starts[i] + counts[i]) for i in samples]
+    return torch.argsort(torch.cat(dest)).to(device)
 
 
 def grouped_completion_logits(model, prompts: list, completions: list, pad_id: int,
                               device, only_needed: bool = True) -> torch.Tensor:
-    """grouped_logit_parts interleaved: logits (N, V) for every completion token of every
+    """grouped_logit_parts in order: logits (N, V) for every completion token of every
     sample, sample by sample (group-major), token by token."""
-    first, rest = grouped_logit_parts(model, prompts, completions, pad_id, device, only_needed)
+    first, parts = grouped_logit_parts(model, prompts, completions, pad_id, device, only_needed)
+    flat = [c for g in completions for c in g]
     first = first.repeat_interleave(len(completions[0]), 0)            # (samples, V)
-    if rest is None:
-        return first
-    return _interleave(first, rest, [c for g in completions for c in g], device)
+    return torch.cat([first] + [lg for _, lg in parts])[_token_order(flat, parts, device)]
 
 
 def _logprobs(logits, targets, stop_id, fused) -> LogProbs:
@@ -116,19 +148,17 @@ def _grouped_logprobs(model, prompts, completions, pad_id, device, stop_id, fast
     reduced to its log-probs, then the (N,) vectors put in order (no (N, V) copy)."""
     only = fast is None or fast.completion_logits
     fused = fast is None or fast.fused_logprobs
-    first, rest = grouped_logit_parts(model, prompts, completions, pad_id, device, only)
+    chunked = fast is None or fast.length_chunks
+    first, parts = grouped_logit_parts(model, prompts, completions, pad_id, device, only,
+                                       chunked)
     flat = [c for g in completions for c in g]
     row = torch.arange(len(prompts), device=device).repeat_interleave(len(completions[0]))
-    parts = [(first[row], [c[0] for c in flat])]
-    if rest is not None:
-        parts.append((rest, [t for c in flat for t in c[1:]]))
-    out = [_logprobs(lg, torch.tensor(tg, device=device), stop_id, fused) for lg, tg in parts]
-    if len(out) == 1:
-        return out[0]
-    a, b = out
-    tokens = _interleave(a.tokens[:, None], b.tokens[:, None], flat, device)[:, 0]
-    stop = None if a.stop is None else \
-        _interleave(a.stop[:, None], b.stop[:, None], flat, device)[:, 0]
+    pieces = [(first[row], [c[0] for c in flat])]
+    pieces += [(lg, [t for i in samples for t in flat[i][1:]]) for samples, lg in parts]
+    out = [_logprobs(lg, torch.tensor(tg, device=device), stop_id, fused) for lg, tg in pieces]
+    order = _token_order(flat, parts, device)
+    tokens = torch.cat([o.tokens for o in out])[order]
+    stop = None if stop_id is None else torch.cat([o.stop for o in out])[order]
     return LogProbs(tokens, stop)
 
 

