@@ -41,6 +41,10 @@ class ModelConfig:
     transformers repeating every key/value head before the call: the same output, without
     the copies. `auto`: on CPU (on CUDA with a mask SDPA would fall back to its slow math
     kernel). false: transformers' plain `sdpa`."""
+    fp32_cached_attention: bool = True
+    """With model.gqa_attention: a pass of a few queries against a longer cache (RL's
+    completion passes) runs attention in fp32 on its bf16 inputs (faster on the 2-core Xeon
+    for those shapes, and less rounding); false keeps it in the compute dtype."""
     merged_sampling: bool = True
     """Sample (generate, eval, RL's held-out checks) from a copy of the policy with its LoRA
     adapters merged into the weights, in the compute dtype, without autocast: no per-call
@@ -226,6 +230,11 @@ class FastConfig:
     of samples of similar length, each padded only to its own longest (the split that
     minimises padded rows plus a fixed cost per pass), instead of one pass padded to the
     step's longest completion. The same numbers up to float rounding."""
+    sorted_micro: bool = True
+    """RL: a step's prompt groups go into its micro-batches in order of prompt length, so
+    the prompts that share a prompt pass (and its cache) are alike in length and little
+    left padding is computed. The step trains on the same samples; its gradient is the
+    same sum (up to float rounding). false: the micro-batches in the seeded draw order."""
     lora_input_casts: bool = False
     """peft upcasts a LoRA layer's bf16 input to the adapter's fp32 before the adapter's
     matmul, which autocast then casts back to bf16: the same numbers, two copies per layer.

@@ -47,10 +47,11 @@ def _completion_inputs(flat: list[list[int]], pad_id: int, device):
 CALL_COST = 64  # a completion pass's fixed cost, in padded token rows (length_chunks)
 
 
-def length_chunks(lengths: list[int], call_cost: int = CALL_COST) -> list[list[int]]:
+def length_chunks(lengths: list[int], call_cost: int | None = None) -> list[list[int]]:
     """Sample indices in chunks of similar length (longest first), for completion passes
     that each pad only to their own longest: the split that minimises the padded rows plus
     `call_cost` per pass (0 chunks the most, a huge cost keeps one pass)."""
+    call_cost = CALL_COST if call_cost is None else call_cost
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
     best = [0.0] + [float("inf")] * n          # best[j]: the first j samples, chunked

@@ -214,7 +214,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device, store: bool = True):
     if not cfg.load_in_4bit:
         model.to(device)
     if gqa_attention(cfg, device):
-        use_gqa_attention(model)
+        use_gqa_attention(model, cfg.fp32_cached_attention)
     model.requires_grad_(False)
     return store_frozen(model, cfg, device) if store else model
 

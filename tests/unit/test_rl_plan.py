@@ -11,3 +11,23 @@ def test_best_of_groups_keeps_each_groups_top_reward():
     kept, r = plan.best_of_groups(records, reward)
     assert [x.i for x in kept] == [1, 4, 5]
     torch.testing.assert_close(r, torch.tensor([0.9, -0.5, 0.0]))
+
+
+def test_a_steps_groups_go_into_micro_batches_by_prompt_length():
+    """fast.sorted_micro: each step trains on the same samples as in draw order, its prompt
+    groups put into micro-batches shortest prompt first."""
+    from types import SimpleNamespace
+    from posttrain.config import load_config
+    lengths = [30, 5, 17, 2, 40, 11, 8, 25]                  # one prompt per group
+    records = [SimpleNamespace(group=g, prompt_ids=(1,) * lengths[g]) for g in range(8)
+               for _ in range(2)]
+    args = ("rl.batch_size=4", "rl.grad_accum=2", "rl.epochs=2")
+    plain = plan.step_plan(records, load_config("demo", args + ("fast.sorted_micro=false",)))
+    ordered = plan.step_plan(records, load_config("demo", args))
+    assert len(plain) == len(ordered) == 4
+    for a, b in zip(plain, ordered):
+        assert sorted(a.samples) == sorted(b.samples)
+        groups = [g for mb in b.micro for g in mb.groups]
+        assert [lengths[records[g[0]].group] for g in groups] == \
+            sorted(lengths[records[g[0]].group] for g in groups)
+    assert [s.samples for s in plain] != [s.samples for s in ordered]
