@@ -180,7 +180,10 @@ def _policy(cfg, device):
     from posttrain import modeling
     sft = cfg.run_dir / "sft" / "adapter"
     tokenizer = modeling.load_tokenizer(cfg.model, str(sft))
-    model = modeling.load_adapter(modeling.load_base_model(cfg.model, device), sft)
+    # TRL's own model: fp32 weights, transformers' own attention (posttrain's CPU fast
+    # paths, bf16 matmul weights and grouped-query SDPA, are not TRL's)
+    plain = dataclasses.replace(cfg.model, frozen_dtype="fp32", gqa_attention=False)
+    model = modeling.load_adapter(modeling.load_base_model(plain, device), sft)
     model = model.merge_and_unload()
     # stop where posttrain's sampler stops: at the tokenizer's EOS only (TRL would also stop
     # at every other EOS id the model's generation config declares)
