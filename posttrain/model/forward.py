@@ -106,9 +106,10 @@ def _completion_pass(model, cache, samples, flat, G, pmask, ppos, pad_id, device
     if not samples:
         return None
     rows = torch.tensor([i // G for i in samples], device=device)
+    config = getattr(getattr(model, "module", model), "config", None)   # DDP wraps it
     mine = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, rows),
                                          layer.values.index_select(0, rows))
-                                        for layer in cache.layers], config=model.config)
+                                        for layer in cache.layers], config=config)
     inputs, cmask = _completion_inputs([flat[i] for i in samples], pad_id, device)
     pos = ppos[rows, -1:] + 1 + torch.arange(inputs.shape[1], device=device)
     logits = model(input_ids=inputs, attention_mask=torch.cat([pmask[rows], cmask], 1),
