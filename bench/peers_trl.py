@@ -147,14 +147,22 @@ def step_shape(cfg) -> dict:
             "steps_per_round": spr, "total_steps": total}
 
 
+TRL_MICRO = 8   # TRL's samples per forward: at the demo's 16, its fp32 step ran out of 24 GiB
+
+
 def trl_settings(cfg, bf16: bool, use_cpu: bool) -> dict:
-    """GRPOConfig's arguments for posttrain's work (output_dir and seed are set per run)."""
+    """GRPOConfig's arguments for posttrain's work (output_dir and seed are set per run).
+    TRL's micro-batch is at most TRL_MICRO samples, with the accumulation that keeps each
+    optimizer step on posttrain's rl.batch_size x rl.grad_accum samples."""
     s, rl, g = step_shape(cfg), cfg.rl, cfg.generate
+    micro = max(m for m in range(1, min(s["micro_batch"], TRL_MICRO) + 1)
+                if s["micro_batch"] % m == 0)
+    k = s["micro_batch"] // micro
     return dict(
         num_generations=g.samples_per_prompt, max_completion_length=g.max_new_tokens,
         temperature=g.temperature, top_p=g.top_p, shuffle_dataset=False,
-        per_device_train_batch_size=s["micro_batch"], gradient_accumulation_steps=rl.grad_accum,
-        steps_per_generation=s["micro_per_round"], num_iterations=rl.ppo_epochs,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=rl.grad_accum * k,
+        steps_per_generation=s["micro_per_round"] * k, num_iterations=rl.ppo_epochs,
         max_steps=s["total_steps"], learning_rate=rl.max_lr,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": rl.min_lr},
         warmup_steps=int(rl.warmup_ratio * s["total_steps"]), weight_decay=rl.weight_decay,
