@@ -405,8 +405,8 @@ def main() -> None:
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         return json.loads(line[-1][7:]) if line else None
 
-    print(f"bench: {args.config}, {args.warmup} warm-up + {args.steps} timed steps per case",
-          flush=True)
+    print(f"bench: {args.config}, {args.warmup} warm-up + {args.steps} timed steps per case, "
+          f"on {cpu_name()}", flush=True)
     peak = spawn("peak")
     if any(c.startswith("rl/") for c in names):
         spawn("prepare")
@@ -437,6 +437,7 @@ def main() -> None:
     from posttrain.io import atomic_write_json
     out = Path(args.out) if args.out else work / "throughput.json"
     atomic_write_json(out, {"config": args.config, "overrides": args.overrides,
+                            "cpu": cpu_name(),
                             "warmup": args.warmup, "steps": args.steps, "peak_flops": peak,
                             "cases": results})
     print(f"wrote {out}")
