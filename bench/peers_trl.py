@@ -113,19 +113,12 @@ class PosttrainReward:
 
 def round_prompts(cfg, tokenizer) -> list[list[tuple[str, list]]]:
     """The (text, token ids) of the prompts each online round of posttrain draws, in order:
-    the draw posttrain.rl.online.sample_round makes (with replacement, from the same pool,
-    seeded by posttrain.seeds.round_prompts)."""
-    import torch
-
-    from posttrain import seeds
+    posttrain.rl.online.round_draws, from the same pool, as sample_round takes them."""
+    from posttrain.rl.online import round_draws
     from posttrain.rollout.prompts import train_prompt_pool
     texts, ids = train_prompt_pool(tokenizer, cfg)
-    out = []
-    for it in range(cfg.rl.iterations):
-        gen = seeds.generator(seeds.round_prompts(cfg.seed, it))
-        idx = torch.randint(len(ids), (cfg.rl.prompts_per_iteration,), generator=gen).tolist()
-        out.append([(texts[i], list(ids[i])) for i in idx])
-    return out
+    return [[(texts[i], list(ids[i])) for i in round_draws(cfg, len(ids), it)]
+            for it in range(cfg.rl.iterations)]
 
 
 def step_shape(cfg) -> dict:

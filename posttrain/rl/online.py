@@ -30,14 +30,19 @@ from posttrain.rollout.prompts import draw_targets, train_prompt_pool
 from posttrain.train import dist
 
 
+def round_draws(cfg: Config, n_prompts: int, it: int) -> list[int]:
+    """The pool indices round `it` samples from (seeded, with replacement)."""
+    return torch.randint(n_prompts, (cfg.rl.prompts_per_iteration,),
+                         generator=seeds.generator(seeds.round_prompts(cfg.seed, it))).tolist()
+
+
 def sample_round(model, tokenizer, texts, prompts, cfg: Config, it: int, device, dtype,
                  rank: int = 0, world: int = 1) -> list:
     """The round's samples from the current policy: same prompts and seeds on a re-run.
     With several processes each samples every world-th batch of prompts (its own seed);
     the caller gathers them."""
     g = cfg.generate
-    idx = torch.randint(len(prompts), (cfg.rl.prompts_per_iteration,),
-                        generator=seeds.generator(seeds.round_prompts(cfg.seed, it))).tolist()
+    idx = round_draws(cfg, len(prompts), it)
     gen = seeds.generator(seeds.round_sampling(cfg.seed, it, rank), device)
     was_training = model.training
     model.eval()
