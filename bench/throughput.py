@@ -23,8 +23,10 @@ of its prompt, the LM head at every position and a full-vocabulary log-softmax. 
 case switches one fast path off, except `*/bf16-weights`, which switches one on
 (model.frozen_dtype=compute: frozen base weights stored in bf16; off by default).
 Tokens/s counts the same tokens for every case of a stage (RL and SFT: prompt +
-completion of each sample; generation: new tokens), so two cases' ratio is their speed
-ratio.
+completion of each sample; generate: new tokens), so two cases' ratio is their speed
+ratio. RL and SFT cases time the same steps (the same samples in the same order), so
+`paired` is the median over steps of ours' time over the case's, step by step: steady
+where the tokens/s medians move with each step's length mix.
 
 Model FLOPs per token: 2 x N (N = parameters outside the embedding) for every token a
 forward pass needs once (a shared prompt counts once), plus 2 x d x V for every position
@@ -363,6 +365,7 @@ def child(args, overrides) -> None:
         "tokens_per_s": rate, "flops_per_s": flop_rate,
         "step_seconds": statistics.median(t for t, _ in rows),
         "tokens_per_step": statistics.median(v[0] for _, v in rows),
+        "step_times": [t for t, _ in rows], "step_tokens": [v[0] for _, v in rows],
         "peak_mib": peak_memory_mib(device), "dtype": str(dtype).replace("torch.", ""),
         "device": str(device)}))
 
@@ -425,11 +428,16 @@ def main() -> None:
             if base and case.startswith(stage + "/"):
                 r["speed_vs_ours"] = r["tokens_per_s"] / base["tokens_per_s"]
                 r["memory_vs_ours"] = r["peak_mib"] / base["peak_mib"]
+                if stage != "generate" and r["step_tokens"] == base["step_tokens"]:
+                    # the same steps in both: the median of step-by-step time ratios
+                    r["paired_vs_ours"] = statistics.median(
+                        b / t for b, t in zip(base["step_times"], r["step_times"]))
     print("\nmatmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
-    print(f"{'case':28} {'tokens/s':>9} {'vs ours':>8} {'step s':>7} {'peak MiB':>9} "
-          f"{'vs ours':>8} {'MFU':>6}")
+    print(f"{'case':28} {'tokens/s':>9} {'vs ours':>8} {'paired':>7} {'step s':>7} "
+          f"{'peak MiB':>9} {'vs ours':>8} {'MFU':>6}")
     for case, r in results.items():
-        print(f"{case:28} {r['tokens_per_s']:9.1f} {r.get('speed_vs_ours', 1):8.2f} "
+        paired = f"{r['paired_vs_ours']:7.2f}" if "paired_vs_ours" in r else f"{'-':>7}"
+        print(f"{case:28} {r['tokens_per_s']:9.1f} {r.get('speed_vs_ours', 1):8.2f} {paired} "
               f"{r['step_seconds']:7.2f} {r['peak_mib']:9.0f} {r.get('memory_vs_ours', 1):8.2f} "
               f"{100 * r['mfu']:5.2f}%")
     if "rl/ours" in results and "rl/naive" in results:
