@@ -20,8 +20,9 @@ Each case times `--warmup` steps it throws away, then `--steps` steps, and repor
 Cases: `ours` is the config as given (all fast paths on). `rl/naive` is the plain way: a
 second, separate reference model run forward on every step, every sample with its own copy
 of its prompt, the LM head at every position and a full-vocabulary log-softmax. Every other
-case switches one fast path off, except `*/bf16-weights`, which switches one on
-(model.frozen_dtype=compute: frozen base weights stored in bf16; off by default).
+case switches one fast path off, except `*/bf16-weights` and `rl/fused-projections`,
+which switch one on that is off by default (model.frozen_dtype=compute: frozen base
+weights stored in bf16; fast.fused_projections).
 Tokens/s counts the same tokens for every case of a stage (RL and SFT: prompt +
 completion of each sample; generate: new tokens), so two cases' ratio is their speed
 ratio. RL and SFT cases time the same steps (the same samples in the same order), so
@@ -68,8 +69,7 @@ CASES = {  # name -> config overrides (and, for rl/naive, the separate reference
                  "fast.recorded_reference=false", "rl.share_prompt=false",
                  "fast.merged_sft=false", "model.frozen_dtype=fp32",
                  "model.gqa_attention=false", "fast.lora_input_casts=true",
-                 "fast.length_chunks=false", "fast.sorted_micro=false",
-                 "fast.fused_projections=false"),
+                 "fast.length_chunks=false", "fast.sorted_micro=false"),
     "rl/reference-forward": ("fast.recorded_reference=false",),
     "rl/per-sample-prompt": ("rl.share_prompt=false",),
     "rl/all-logits": ("fast.completion_logits=false",),
@@ -78,7 +78,7 @@ CASES = {  # name -> config overrides (and, for rl/naive, the separate reference
     "rl/unmerged-sft": ("fast.merged_sft=false",),
     "rl/repeated-kv-heads": ("model.gqa_attention=false",),
     "rl/lora-input-casts": ("fast.lora_input_casts=true",),
-    "rl/unfused-projections": ("fast.fused_projections=false",),
+    "rl/fused-projections": ("fast.fused_projections=true",),
     "rl/one-completion-pass": ("fast.length_chunks=false",),
     "rl/bf16-cached-attention": ("model.fp32_cached_attention=false",),
     "rl/micro-in-draw-order": ("fast.sorted_micro=false",),
