@@ -288,7 +288,7 @@ def test_fused_projections_are_the_same_sum(tiny_cfg, tmp_path, precision):
 
 def test_fused_projections_leave_dropout_alone(tiny_cfg, tmp_path):
     """A LoRA layer with dropout draws its own mask per projection: it is not fused."""
-    cfg = tiny_cfg("rl.lora_dropout=0.1")
+    cfg = tiny_cfg("rl.lora_dropout=0.1", "fast.fused_projections=true")
     sft = _random_sft_adapter(cfg, tmp_path / "sft")
     model = modeling.load_policy(cfg, CPU, sft, rl="new").train()
     from posttrain.model.fused import _fusable
