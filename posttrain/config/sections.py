@@ -241,7 +241,7 @@ class FastConfig:
     added by one `addmm` (posttrain/model/fused.py); o_proj and down_proj get the addmm
     alone. The same sum (bf16 rounds it differently): 3 matmuls for q/k/v where peft runs 9
     and 6 elementwise passes. Off by default: on the 2-core AMD EPYC it bought nothing
-    (step time ratio 1.006, paired, README); false: each projection runs peft's forward."""
+    (paired step time ratios 1.006 and 1.016, README). false: peft's forward."""
     lora_input_casts: bool = False
     """peft upcasts a LoRA layer's bf16 input to the adapter's fp32 before the adapter's
     matmul, which autocast then casts back to bf16: the same numbers, two copies per layer.
