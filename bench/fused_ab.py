@@ -38,8 +38,8 @@ def main() -> None:
     if not (work / "records.json").is_file():
         raise SystemExit(f"{work / 'records.json'}: no RL samples; run e.g. "
                          f"`python bench/throughput.py --cases rl/ours` with this out_dir")
-    step, model = throughput.rl_step(cfg, work, "rl/ours", args.steps + 1, with_model=True)
-    modules = [m for m in model.modules() if hasattr(m, "_posttrain_group")]
+    step, _, _ = throughput.rl_step(cfg, work, "rl/ours", args.steps + 1)
+    modules = [m for m in step.model.modules() if hasattr(m, "_posttrain_group")]
     if not modules:
         raise SystemExit("no fused projections (rl.lora_dropout must be 0)")
 

@@ -285,9 +285,9 @@ def run_generate(cfg, work, warmup, steps, case):
     return timed(step, warmup, steps, device), device, dtype
 
 
-def rl_step(cfg, work, case, n_steps, with_model: bool = False):
-    """One offline RL optimizer step as a function of its index, and the device and dtype
-    (with_model: and the policy, in place of those)."""
+def rl_step(cfg, work, case, n_steps):
+    """One offline RL optimizer step as a function of its index (the policy it trains as
+    its `model` attribute), and the device and dtype."""
     from posttrain import modeling
     from posttrain.rl.credit import step_rewards
     from posttrain.rl.plan import step_plan
@@ -327,8 +327,7 @@ def rl_step(cfg, work, case, n_steps, with_model: bool = False):
                      for g in groups for i in g)
         return tokens, 2 * (2 * N * (prompt_once + comp) + 2 * d * V * comp)
 
-    if with_model:
-        return step, acc.unwrap_model(model)
+    step.model = acc.unwrap_model(model)
     return step, acc.device, dtype
 
 

@@ -104,18 +104,18 @@ def _fusable(group: _Group) -> bool:
 def _fused_forward(self, x, *args, **kwargs):
     group = self._posttrain_group
     index = group.members.index(self)
+    if group.x is x and index in group.pending and not (args or kwargs):
+        out = group.pending.pop(index)   # the group's first member computed it, checked
+        if not group.pending:
+            group.x = None
+        return out
+    group.x, group.pending = None, {}
     if args or kwargs or not _fusable(group):
-        group.x, group.pending = None, {}
         return type(self).__mro__[1].forward(self, x, *args, **kwargs)
-    if group.x is not x or index not in group.pending:
-        outs = group.run(x)
-        group.pending = {i: o for i, o in enumerate(outs) if i != index}
-        group.x = x if group.pending else None
-        return outs[index]
-    out = group.pending.pop(index)
-    if not group.pending:
-        group.x = None
-    return out
+    outs = group.run(x)
+    group.pending = {i: o for i, o in enumerate(outs) if i != index}
+    group.x = x if group.pending else None
+    return outs[index]
 
 
 _CLASSES: dict[type, type] = {}
