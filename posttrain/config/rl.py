@@ -34,6 +34,13 @@ class RLRun:
     through the shared cache). false runs every sample with its own copy of the prompt.
     `auto`: true on CPU, false on CUDA (README's H200 table: there the two passes in
     sequence cost more than the repeated prompt saves)."""
+    prompt_grad: bool = True
+    """true: the gradient flows through the shared prompt's keys and values (the exact
+    gradient). false: the prompt but its last token runs without gradient (no backward
+    through it, none of its activations kept), so the adapter learns only from the
+    completion positions (and the prompt's last): a different, cheaper gradient, not a
+    rounding of this one. Needs the shared prompt pass (rl.share_prompt true, or auto on
+    CPU)."""
     loss_agg: str = "token"
     """`token`: the loss is averaged over all completion tokens of the step (the seed).
     `sequence`: averaged within each sample, then over samples."""
@@ -46,6 +53,9 @@ class RLRun:
         for name in ("batch_size", "grad_accum", "clip_eps"):
             _positive(getattr(self, name), f"rl.{name}")
         _auto_bool(self.share_prompt, "rl.share_prompt")
+        if not self.prompt_grad and self.share_prompt is False:
+            raise ConfigError("rl.prompt_grad=false needs the shared prompt pass: set "
+                              "rl.share_prompt=true (or auto, on CPU)")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"rl.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if not 0 < self.clip_eps < 1:

@@ -69,7 +69,8 @@ def length_chunks(lengths: list[int], call_cost: int | None = None) -> list[list
 
 
 def grouped_logit_parts(model, prompts: list, completions: list, pad_id: int, device,
-                        only_needed: bool = True, chunked: bool = True) -> tuple:
+                        only_needed: bool = True, chunked: bool = True,
+                        prompt_grad: bool = True) -> tuple:
     """The logits of every completion token of prompt groups whose prompt runs once for the
     group: (first (B, V): each prompt's last position, which predicts the first token of
     each of its G samples; parts: [(sample indices, logits (M, V) of their later tokens,
@@ -79,18 +80,28 @@ def grouped_logit_parts(model, prompts: list, completions: list, pad_id: int, de
     gradients flow through the cache into the prompt pass, so the result (and its gradient)
     equals running each prompt + completion alone, at a fraction of the prompt cost.
 
+    `prompt_grad=False` (rl.prompt_grad): the prompt but its last token runs without
+    gradient (no activations kept, no backward through it), and each sample's pass starts at
+    its prompt's last token, so every completion token's logits (the first included) come
+    from a pass that has them: (None, parts covering every token). The logits are the same;
+    the gradient is the part that flows through the completion positions (and the prompt's
+    last), none through the prompt's keys and values.
+
     prompts: B token lists; completions: B groups of G token lists each (G equal across
     groups). Samples are numbered group-major.
     """
     G = len(completions[0])
     if any(len(g) != G for g in completions):
         raise ValueError("every prompt group must hold the same number of completions")
-    # 1. the prompt pass, logits at its last position (they predict each first token)
     ids, pmask = left_pad(prompts, pad_id, device)                      # (B, P)
     ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
+    flat = [list(c) for g in completions for c in g]
+    if not prompt_grad:
+        return None, _detached_prompt_parts(model, ids, pmask, ppos, flat, G, pad_id, device,
+                                            only_needed, chunked)
+    # 1. the prompt pass, logits at its last position (they predict each first token)
     out = model(input_ids=ids, attention_mask=pmask, position_ids=ppos, use_cache=True,
                 logits_to_keep=1)
-    flat = [list(c) for g in completions for c in g]
     later = [len(c) - 1 for c in flat]
     chunks = length_chunks(later) if chunked else [list(range(len(flat)))]
     parts = [_completion_pass(model, out.cache, [i for i in c if later[i]], flat, G, pmask,
@@ -98,34 +109,58 @@ def grouped_logit_parts(model, prompts: list, completions: list, pad_id: int, de
     return out.logits[:, -1], [p for p in parts if p is not None]
 
 
-def _completion_pass(model, cache, samples, flat, G, pmask, ppos, pad_id, device, only):
+def _detached_prompt_parts(model, ids, pmask, ppos, flat, G, pad_id, device, only, chunked):
+    """grouped_logit_parts with prompt_grad=False: the prompts but their last token in one
+    no-grad pass (its cache), then each sample's last prompt token + completion but its last
+    token against its prompt's cache rows; every part holds all of its samples' tokens."""
+    cache = None
+    if ids.shape[1] > 1:
+        with torch.no_grad():
+            cache = model(input_ids=ids[:, :-1], attention_mask=pmask[:, :-1],
+                          position_ids=ppos[:, :-1], use_cache=True, logits_to_keep=1).cache
+    lead = ids[:, -1].tolist()            # each prompt's last token (left padding)
+    seqs = [[lead[i // G]] + c for i, c in enumerate(flat)]
+    chunks = length_chunks([len(c) for c in flat]) if chunked else [list(range(len(flat)))]
+    return [_completion_pass(model, cache, c, seqs, G, pmask[:, :-1], ppos[:, :-1], pad_id,
+                             device, only, start=ppos[:, -1:]) for c in chunks if c]
+
+
+def _completion_pass(model, cache, samples, flat, G, pmask, ppos, pad_id, device, only,
+                     start=None):
     """2. these samples' completions against their prompts' cache rows: token j predicts
-    token j+1; (samples, logits) or None when none has a later token."""
+    token j+1; (samples, logits) or None when none has a later token. `start` (B, 1): the
+    first input token's position (default: after the cached prompt); `cache` None: no
+    cached tokens (pmask and ppos then have no columns)."""
     from transformers import DynamicCache  # heavy: loaded on first use
 
     if not samples:
         return None
     rows = torch.tensor([i // G for i in samples], device=device)
-    config = getattr(getattr(model, "module", model), "config", None)   # DDP wraps it
-    mine = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, rows),
-                                         layer.values.index_select(0, rows))
-                                        for layer in cache.layers], config=config)
     inputs, cmask = _completion_inputs([flat[i] for i in samples], pad_id, device)
-    pos = ppos[rows, -1:] + 1 + torch.arange(inputs.shape[1], device=device)
+    pos = (ppos[rows, -1:] + 1 if start is None else start[rows]) + \
+        torch.arange(inputs.shape[1], device=device)
+    mine = None
+    if cache is not None:
+        config = getattr(getattr(model, "module", model), "config", None)   # DDP wraps it
+        mine = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, rows),
+                                             layer.values.index_select(0, rows))
+                                            for layer in cache.layers], config=config)
     logits = model(input_ids=inputs, attention_mask=torch.cat([pmask[rows], cmask], 1),
-                   position_ids=pos, cache=mine, use_cache=True,
+                   position_ids=pos, cache=mine, use_cache=mine is not None,
                    logits_to_keep=cmask.bool() if only else 0).logits          # (M, V)
     return samples, logits if only else logits[cmask.bool()]
 
 
-def _token_order(flat: list, parts: list, device) -> torch.Tensor:
-    """Where each row of [first tokens; the parts' rows] goes among the samples' tokens in
+def _token_order(flat: list, parts: list, device, first: bool = True) -> torch.Tensor:
+    """Where each row of [first tokens; the parts' rows] (`first=False`: the parts' rows
+    alone, each part holding its samples' every token) goes among the samples' tokens in
     order (sample by sample, token by token): the permutation that puts them there."""
     counts = torch.tensor([len(c) for c in flat])
     starts = torch.cumsum(counts, 0) - counts
-    dest = [starts]
+    skip = 1 if first else 0
+    dest = [starts] if first else []
     for samples, _ in parts:
-        dest += [torch.arange(starts[i] + 1, starts[i] + counts[i]) for i in samples]
+        dest += [torch.arange(starts[i] + skip, starts[i] + counts[i]) for i in samples]
     return torch.argsort(torch.cat(dest)).to(device)
 
 
@@ -145,36 +180,44 @@ def _logprobs(logits, targets, stop_id, fused) -> LogProbs:
     return LogProbs(O.gather_logprobs(logits, targets, fused), None)
 
 
-def _grouped_logprobs(model, prompts, completions, pad_id, device, stop_id, fast) -> LogProbs:
+def _grouped_logprobs(model, prompts, completions, pad_id, device, stop_id, fast,
+                      prompt_grad: bool = True) -> LogProbs:
     """Log-probs (N,) of the groups' completion tokens from grouped_logit_parts: each part
     reduced to its log-probs, then the (N,) vectors put in order (no (N, V) copy)."""
     only = fast is None or fast.completion_logits
     fused = fast is None or fast.fused_logprobs
     chunked = fast is None or fast.length_chunks
     first, parts = grouped_logit_parts(model, prompts, completions, pad_id, device, only,
-                                       chunked)
+                                       chunked, prompt_grad)
     flat = [c for g in completions for c in g]
-    row = torch.arange(len(prompts), device=device).repeat_interleave(len(completions[0]))
-    pieces = [(first[row], [c[0] for c in flat])]
-    pieces += [(lg, [t for i in samples for t in flat[i][1:]]) for samples, lg in parts]
+    pieces = []
+    if first is not None:
+        row = torch.arange(len(prompts), device=device).repeat_interleave(len(completions[0]))
+        pieces.append((first[row], [c[0] for c in flat]))
+    skip = 0 if first is None else 1
+    pieces += [(lg, [t for i in samples for t in flat[i][skip:]]) for samples, lg in parts]
     out = [_logprobs(lg, torch.tensor(tg, device=device), stop_id, fused) for lg, tg in pieces]
-    order = _token_order(flat, parts, device)
+    order = _token_order(flat, parts, device, first is not None)
     tokens = torch.cat([o.tokens for o in out])[order]
     stop = None if stop_id is None else torch.cat([o.stop for o in out])[order]
     return LogProbs(tokens, stop)
 
 
 def policy_logprobs(model, samples: Sequence, groups: list, pad_id: int, device,
-                    share_prompt: bool, stop_id: int | None = None, fast=None) -> LogProbs:
+                    share_prompt: bool, stop_id: int | None = None, fast=None,
+                    prompt_grad: bool = True) -> LogProbs:
     """log pi(token) (N,) of every completion token of the groups' samples (each with
     `prompt_ids` and `completion_ids`: Rollouts or Examples), in order: each prompt once
     for its group (share_prompt), or each sample with its own prompt. With `stop_id`, also
     log pi(stop_id) at the same positions. `fast` (a FastConfig; None: all on) switches
-    the LM-head slicing and the fused log-prob gather."""
+    the LM-head slicing and the fused log-prob gather. `prompt_grad=False` (shared prompt
+    only): no gradient through the prompt's keys and values (grouped_logit_parts)."""
     if share_prompt:
         return _grouped_logprobs(model, [samples[g[0]].prompt_ids for g in groups],
                                  [[samples[i].completion_ids for i in g] for g in groups],
-                                 pad_id, device, stop_id, fast)
+                                 pad_id, device, stop_id, fast, prompt_grad)
+    if not prompt_grad:
+        raise ValueError("prompt_grad=False needs the shared prompt pass (share_prompt)")
     batch = collate([Example(tuple(samples[i].prompt_ids), tuple(samples[i].completion_ids))
                      for g in groups for i in g], pad_id).to(device)
     logits = completion_logits(model, batch, fast is None or fast.completion_logits)

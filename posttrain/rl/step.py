@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from posttrain import objectives as O
-from posttrain.config import Config
+from posttrain.config import Config, ConfigError
 from posttrain.model.adapters import sft_only
 from posttrain.model.choices import DeviceChoices
 from posttrain.model.forward import policy_logprobs
@@ -145,7 +145,7 @@ def micro_pass(ctx: StepContext, rollouts, mb, offset: int, share: float, inputs
         with acc.autocast():
             new = policy_logprobs(ctx.model, rollouts, mb.groups, ctx.pad_id, acc.device,
                                   ctx.share_prompt, ctx.eos if credit is not None else None,
-                                  cfg.fast)
+                                  cfg.fast, cfg.rl.prompt_grad)
         ref = reference_logprobs(ctx, rollouts, mb.groups, ids, old)
         terms = loss_terms(ctx, new, old, adv, weight, policy_w, rollouts, ids, reward, credit,
                            scale, len(inputs.lengths), n_tokens)
@@ -174,6 +174,10 @@ def step_passes(ctx: StepContext, rollouts: list[Rollout], step: Step, reward: t
     """1-4 of one optimizer step over this process's share of its micro-batches; returns
     the step's figures (summed over the processes). The caller clips and steps."""
     acc = ctx.acc
+    if not ctx.cfg.rl.prompt_grad and not ctx.share_prompt:
+        raise ConfigError(f"rl.prompt_grad=false needs the shared prompt pass, which "
+                          f"rl.share_prompt={ctx.cfg.rl.share_prompt!r} turns off on "
+                          f"{acc.device.type}: set rl.share_prompt=true")
     # 1. batch: this step's samples and their advantages
     inputs = step_inputs(rollouts, step, reward, credit, ctx.cfg, ctx.eos)
     n_tokens = int(inputs.lengths.sum())

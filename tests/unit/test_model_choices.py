@@ -297,3 +297,17 @@ def test_fused_projections_leave_dropout_alone(tiny_cfg, tmp_path):
     x = torch.tensor([[3, 4, 5, 6, 7, 8]])
     model(input_ids=x).logits.sum().backward()   # peft's own forward, gradients flow
     assert group.x is None and not group.pending
+
+
+def test_no_prompt_grad_needs_the_shared_prompt_pass():
+    """rl.prompt_grad=false with the shared prompt pass off: a config error naming both keys;
+    with `auto` resolved off (CUDA), the step says so before it runs anything."""
+    from types import SimpleNamespace
+    from posttrain.config import ConfigError
+    from posttrain.rl.step import StepContext, step_passes
+    with pytest.raises(ConfigError, match="rl.prompt_grad=false needs the shared prompt pass"):
+        load_config("demo", ("rl.prompt_grad=false", "rl.share_prompt=false"))
+    cfg = load_config("demo", ("rl.prompt_grad=false",))
+    ctx = StepContext(None, SimpleNamespace(device=torch.device("cuda")), cfg, 0, 1, 0.1)
+    with pytest.raises(ConfigError, match="rl.share_prompt='auto' turns off on cuda"):
+        step_passes(ctx, [], None, None, None)

@@ -187,3 +187,70 @@ def test_fp32_cached_attention_under_bf16_stays_within_rounding(tiny_model_dir):
         diff = (got[name] - got["fp32"]).abs()
         assert diff.max() < 0.05 and diff.mean() < 0.01, name
     assert not torch.equal(got["mixed"], got["bf16"])           # the switch does act
+
+
+def _no_prompt_grad_reference(model, records, groups, params):
+    """The log-probs (sum + 0.5 * EOS's) and their gradient with no gradient through the
+    prompt's keys and values, the plain way: each sample alone, its prompt + completion in
+    one pass, the k and v projections' outputs detached at the prompt's positions but its
+    last."""
+    import torch.nn.functional as F
+    total, cut = 0.0, {}
+
+    def hook(module, args, out):
+        n = cut["n"]
+        return torch.cat([out[:, :n].detach(), out[:, n:]], 1)
+    handles = [m.register_forward_hook(hook) for name, m in model.named_modules()
+               if name.endswith(("k_proj", "v_proj"))]
+    lps, stops = [], []
+    try:
+        for i in (i for g in groups for i in g):
+            p, c = list(records[i].prompt_ids), list(records[i].completion_ids)
+            cut["n"] = len(p) - 1
+            logits = model(input_ids=torch.tensor([p + c[:-1]])).logits[0, len(p) - 1:]
+            logp = F.log_softmax(logits.float(), -1)
+            lps.append(logp.gather(1, torch.tensor(c)[:, None])[:, 0])
+            stops.append(logp[:, 1])
+    finally:
+        for h in handles:
+            h.remove()
+    lp, stop = torch.cat(lps), torch.cat(stops)
+    total = (lp + 0.5 * stop).sum()
+    return lp.detach(), stop.detach(), torch.autograd.grad(total, params)
+
+
+@pytest.mark.parametrize("chunked,only", [(True, True), (False, False)])
+def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient(
+        tiny_model_dir, chunked, only):
+    """rl.prompt_grad=false: the same log-probs (fp32: to rounding) and the gradient that
+    flows through the completion positions alone, which the plain per-sample pass with the
+    prompt's keys and values detached gives; and not the full gradient. A batch of 1-token
+    prompts (nothing to cache) too."""
+    from posttrain.config import FastConfig, ModelConfig
+    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
+                                     torch.device("cpu"))
+    params = [p.requires_grad_() for p in model.parameters()]
+    fast = FastConfig(length_chunks=chunked, completion_logits=only)
+    records = [Example(tuple(p), tuple(c)) for p, c in (
+        ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
+        ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]),
+        ([12], [3, 4, 5]), ([12], [6]))]
+    for groups in ([[0, 1], [2, 3], [4, 5]], [[4, 5]]):
+        lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
+                                      stop_id=1, fast=fast, prompt_grad=False)
+        grads = torch.autograd.grad((lp.tokens + 0.5 * lp.stop).sum(), params)
+        want_lp, want_stop, want = _no_prompt_grad_reference(model, records, groups, params)
+        torch.testing.assert_close(lp.tokens.detach(), want_lp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lp.stop.detach(), want_stop, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        full = _policy_and_grads(model, records, groups, fast)
+        torch.testing.assert_close(full[0], want_lp, rtol=1e-5, atol=1e-5)
+        if len(groups) > 1:   # prompts longer than one token: a different gradient
+            assert max((a - b).abs().max().item() for a, b in zip(grads, full[2])) > 1e-3
+        else:                 # nothing before the last prompt token: the same gradient
+            for a, b in zip(grads, full[2]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="shared prompt"):
+        modeling.policy_logprobs(model, records, [[0, 1]], 0, torch.device("cpu"), False,
+                                 prompt_grad=False)
