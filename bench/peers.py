@@ -99,16 +99,20 @@ def machine() -> dict:
 
 # ---------------------------------------------------------------- the parent
 
-def _diff(a: str, b: str) -> list[str]:
+def _diff(stored: str, expected: str, bare: str) -> list[str]:
+    """The keys whose values differ between a stored part's config and the expected one,
+    seed aside. A key the stored config lacks (an option added since it ran) differs only
+    if the expected value is not the config's own (`bare`: no overrides): the new option's
+    default is what the old code did."""
     from omegaconf import OmegaConf
 
     def flat(node, prefix=""):
         if isinstance(node, dict):
             return {k2: v2 for k, v in node.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
         return {prefix[:-1]: node}
-    x = flat(OmegaConf.to_container(OmegaConf.create(a)))
-    y = flat(OmegaConf.to_container(OmegaConf.create(b)))
-    return [k for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k) and k != "seed"]
+    x, y, z = (flat(OmegaConf.to_container(OmegaConf.create(t))) for t in (stored, expected, bare))
+    return [k for k in sorted(set(x) | set(y)) if k != "seed" and x.get(k) != y.get(k)
+            and not (k not in x and y.get(k) == z.get(k))]
 
 
 class Runner:
@@ -123,7 +127,8 @@ class Runner:
         done = folder / "result.json"
         if done.is_file():
             result = json.loads(done.read_text())
-            changed = _diff(result["config"], self.expected(seed, overrides))
+            changed = _diff(result["config"], self.expected(seed, overrides),
+                            config_text(load_cfg(self.args.config, ())))
             if changed:
                 raise SystemExit(f"{done} was made with a different config ({', '.join(changed)})"
                                  f"; use another out_dir, or move {folder} away")

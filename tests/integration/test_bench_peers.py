@@ -132,3 +132,15 @@ def test_peers_runs_both_and_judges_them_with_one_evaluator(tiny_model_dir, tmp_
     assert "speed-up (TRL / posttrain)" in done.stdout and "mean over seeds 3" in done.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done earlier") == 5, again.stdout
+
+
+def test_a_part_made_before_an_option_existed_is_reused_at_its_default():
+    """A stored part's config that lacks a key added since (it ran the old code, which the
+    new key's default keeps) is not a difference; the same key set away from the config's
+    value is, and so is any other changed value."""
+    import peers
+    bare = "rl:\n  beta: 0.1\n  prompt_grad: true\nseed: 42\n"
+    stored = "rl:\n  beta: 0.1\nseed: 1\n"
+    assert peers._diff(stored, bare.replace("42", "1"), bare) == []
+    assert peers._diff(stored, bare.replace("true", "false"), bare) == ["rl.prompt_grad"]
+    assert peers._diff(stored, bare.replace("0.1", "0.2"), bare) == ["rl.beta"]
