@@ -102,8 +102,9 @@ def machine() -> dict:
 def _diff(stored: str, expected: str, bare: str) -> list[str]:
     """The keys whose values differ between a stored part's config and the expected one,
     seed aside. A key the stored config lacks (an option added since it ran) differs only
-    if the expected value is not the config's own (`bare`: no overrides): the new option's
-    default is what the old code did."""
+    if the expected value is not the option's default (`bare`: the schema's defaults), on
+    the rule every new option here follows: its default is what the code did before it (a
+    new fast path that is on by default would have to be compared by hand)."""
     from omegaconf import OmegaConf
 
     def flat(node, prefix=""):
@@ -128,7 +129,7 @@ class Runner:
         if done.is_file():
             result = json.loads(done.read_text())
             changed = _diff(result["config"], self.expected(seed, overrides),
-                            config_text(load_cfg(self.args.config, ())))
+                            config_text(load_cfg("defaults", ())))
             if changed:
                 raise SystemExit(f"{done} was made with a different config ({', '.join(changed)})"
                                  f"; use another out_dir, or move {folder} away")

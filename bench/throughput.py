@@ -24,7 +24,8 @@ case switches one fast path off, except `*/bf16-weights`, `rl/fused-projections`
 `rl/no-prompt-grad`, which switch one on that is off by default (model.frozen_dtype=compute:
 frozen base weights stored in bf16; fast.fused_projections; rl.prompt_grad=false, a
 cheaper gradient, not the same one: no backward through the prompt, so its MFU, counted
-with the same model FLOPs as the others, is not the work it did).
+with the same model FLOPs as the others, is not the work it did; with rl.share_prompt=true,
+which it needs, so on CUDA it also shares the prompt where `ours` does not).
 Tokens/s counts the same tokens for every case of a stage (RL and SFT: prompt +
 completion of each sample; generate: new tokens), so two cases' ratio is their speed
 ratio. RL and SFT cases time the same steps (the same samples in the same order), so
@@ -86,7 +87,7 @@ CASES = {  # name -> config overrides (and, for rl/naive, the separate reference
     "rl/micro-in-draw-order": ("fast.sorted_micro=false",),
     "rl/fp32-weights": ("model.frozen_dtype=fp32",),
     "rl/bf16-weights": ("model.frozen_dtype=compute",),
-    "rl/no-prompt-grad": ("rl.prompt_grad=false",),
+    "rl/no-prompt-grad": ("rl.prompt_grad=false", "rl.share_prompt=true"),
 }
 
 

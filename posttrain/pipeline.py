@@ -31,6 +31,8 @@ from posttrain import evaluate, generate, plot, rl, sft, view  # noqa: F401
 from posttrain.config import Config, ConfigError, to_yaml
 from posttrain.data import FILE_BUILDERS
 from posttrain.io import atomic_write_json, read_json
+from posttrain.model.choices import DeviceChoices
+from posttrain.model.load import resolve_device
 from posttrain.modeling import check_hub
 from posttrain.redo import (REDO, SWAPPING, Processes, prepare_shadow, run_in_shadow, served,
                             shadow_dir)
@@ -70,6 +72,7 @@ def run_stage(cfg: Config, stage: str, force: bool = False):
     """One stage alone (`posttrain <stage>`): check, then run it, resume it, redo it (forced,
     stale or changed: built beside the old outputs and swapped in at the end) or report it
     finished. generate and eval run on the main process only under `accelerate launch`."""
+    DeviceChoices(cfg, resolve_device(cfg.model)).check()
     procs = Processes(cfg)
     if procs.main:
         _recover(cfg)
@@ -124,6 +127,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     outputs are stale or (with `force`) whose config changed is redone beside its old
     outputs; `force` with no change redoes every stage. A forced run records what it has
     redone in `redo.json`, so the same command after a kill goes on where it stopped."""
+    DeviceChoices(cfg, resolve_device(cfg.model)).check()    # before any stage runs
     procs = Processes(cfg)
     if procs.main:
         _recover(cfg)

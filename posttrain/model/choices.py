@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.config import Config
+from posttrain.config import Config, ConfigError
 from posttrain.model.load import compute_dtype, frozen_storage, gqa_attention
 
 
@@ -49,6 +49,13 @@ class DeviceChoices:
     def group_by_length(self) -> bool:
         """generate.group_by_length: `auto` sorts the drawn prompts on CPU, not on CUDA."""
         return _on_cpu(self.cfg.generate.group_by_length, self.device)
+
+    def check(self) -> None:
+        """Settings that cannot run together on this device: a ConfigError naming them."""
+        if not self.cfg.rl.prompt_grad and not self.share_prompt:
+            raise ConfigError(f"rl.prompt_grad=false needs the shared prompt pass, which "
+                              f"rl.share_prompt={self.cfg.rl.share_prompt!r} turns off on "
+                              f"{self.device.type}: set rl.share_prompt=true")
 
     def record(self) -> dict:
         """Each field's configured value and what it resolved to (for environment.json)."""

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from posttrain import objectives as O
-from posttrain.config import Config, ConfigError
+from posttrain.config import Config
 from posttrain.model.adapters import sft_only
 from posttrain.model.choices import DeviceChoices
 from posttrain.model.forward import policy_logprobs
@@ -174,10 +174,7 @@ def step_passes(ctx: StepContext, rollouts: list[Rollout], step: Step, reward: t
     """1-4 of one optimizer step over this process's share of its micro-batches; returns
     the step's figures (summed over the processes). The caller clips and steps."""
     acc = ctx.acc
-    if not ctx.cfg.rl.prompt_grad and not ctx.share_prompt:
-        raise ConfigError(f"rl.prompt_grad=false needs the shared prompt pass, which "
-                          f"rl.share_prompt={ctx.cfg.rl.share_prompt!r} turns off on "
-                          f"{acc.device.type}: set rl.share_prompt=true")
+    DeviceChoices(ctx.cfg, acc.device).check()
     # 1. batch: this step's samples and their advantages
     inputs = step_inputs(rollouts, step, reward, credit, ctx.cfg, ctx.eos)
     n_tokens = int(inputs.lengths.sum())

@@ -8,6 +8,7 @@ import time
 from posttrain import objectives as O
 from posttrain.config import Config
 from posttrain.model.adapters import RL, load_policy
+from posttrain.model.choices import DeviceChoices
 from posttrain.rl.held_out import HeldOut
 from posttrain.rl.step import StepContext, step_passes, step_tokens
 from posttrain.train.loop import TrainLoop
@@ -18,6 +19,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, total_steps: int, tokenizer, acc, dtype):
         self.cfg, self.tokenizer, self.acc, self.dtype = cfg, tokenizer, acc, dtype
+        DeviceChoices(cfg, acc.device).check()
         model = load_policy(cfg, acc.device, cfg.run_dir / "sft" / "adapter", rl="new")
         self.loop = TrainLoop(cfg, "rl", cfg.rl, model, total_steps, acc, adapter=RL,
                               extra={"beta": cfg.rl.beta})

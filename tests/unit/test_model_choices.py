@@ -308,6 +308,24 @@ def test_no_prompt_grad_needs_the_shared_prompt_pass():
     with pytest.raises(ConfigError, match="rl.prompt_grad=false needs the shared prompt pass"):
         load_config("demo", ("rl.prompt_grad=false", "rl.share_prompt=false"))
     cfg = load_config("demo", ("rl.prompt_grad=false",))
-    ctx = StepContext(None, SimpleNamespace(device=torch.device("cuda")), cfg, 0, 1, 0.1)
+    ctx = StepContext(None, SimpleNamespace(device=CUDA), cfg, 0, 1, 0.1)
     with pytest.raises(ConfigError, match="rl.share_prompt='auto' turns off on cuda"):
         step_passes(ctx, [], None, None, None)
+    with pytest.raises(ConfigError, match="rl.share_prompt='auto' turns off on cuda"):
+        DeviceChoices(cfg, CUDA).check()
+    DeviceChoices(cfg, CPU).check()                                   # shared there
+    DeviceChoices(load_config("demo", ("rl.prompt_grad=false", "rl.share_prompt=true")),
+                  CUDA).check()
+
+
+def test_a_run_checks_the_device_choices_before_any_stage(tmp_path, monkeypatch):
+    """`posttrain run` and a single stage stop on settings that cannot run together on the
+    resolved device before anything is written."""
+    from posttrain import pipeline
+    from posttrain.config import ConfigError
+    monkeypatch.setattr(pipeline, "resolve_device", lambda model: CUDA)
+    cfg = load_config("demo", ("rl.prompt_grad=false", f"out_dir={tmp_path / 'run'}"))
+    for call in (lambda: pipeline.run(cfg), lambda: pipeline.run_stage(cfg, "sft")):
+        with pytest.raises(ConfigError, match="rl.prompt_grad=false needs the shared prompt"):
+            call()
+    assert not (tmp_path / "run").exists()

@@ -111,11 +111,14 @@ def _policy_and_grads(model, records, groups, fast):
     return lp.tokens.detach(), lp.stop.detach(), grads
 
 
-def test_length_chunked_and_gqa_passes_give_the_plain_numbers(tiny_model_dir):
-    """Completions in passes of similar length (fast.length_chunks) and grouped-query heads
-    handed to SDPA whole (model.gqa_attention) give the one-pass, repeated-heads log-probs
-    and gradients (fp32: to float rounding)."""
+def test_length_chunked_and_gqa_passes_give_the_plain_numbers(tiny_model_dir, monkeypatch):
+    """Completions in passes of similar length (fast.length_chunks; here no cost per pass,
+    so a pass per length) and grouped-query heads handed to SDPA whole
+    (model.gqa_attention) give the one-pass, repeated-heads log-probs and gradients (fp32:
+    to float rounding)."""
     from posttrain.config import FastConfig, ModelConfig
+    from posttrain.model import forward
+    monkeypatch.setattr(forward, "CALL_COST", 0)
     records = [Example(tuple(p), tuple(c)) for p, c in (
         ([5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9]), ([5, 6, 7, 8, 9], [4]),
         ([5, 6, 7, 8, 9], [3, 3, 3, 3, 3, 3, 3, 3]), ([10, 11], [7, 7, 1]),
@@ -193,9 +196,10 @@ def _no_prompt_grad_reference(model, records, groups, params):
     """The log-probs (sum + 0.5 * EOS's) and their gradient with no gradient through the
     prompt's keys and values, the plain way: each sample alone, its prompt + completion in
     one pass, the k and v projections' outputs detached at the prompt's positions but its
-    last."""
+    last. (Equal to the no-grad prompt pass for a model with nothing trained between the k
+    and v projections and the cache, as here; a k-norm would need its own detach.)"""
     import torch.nn.functional as F
-    total, cut = 0.0, {}
+    cut = {}
 
     def hook(module, args, out):
         n = cut["n"]
@@ -221,12 +225,18 @@ def _no_prompt_grad_reference(model, records, groups, params):
 
 @pytest.mark.parametrize("chunked,only", [(True, True), (False, False)])
 def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient(
-        tiny_model_dir, chunked, only):
+        tiny_model_dir, chunked, only, monkeypatch):
     """rl.prompt_grad=false: the same log-probs (fp32: to rounding) and the gradient that
     flows through the completion positions alone, which the plain per-sample pass with the
     prompt's keys and values detached gives; and not the full gradient. A batch of 1-token
     prompts (nothing to cache) too."""
     from posttrain.config import FastConfig, ModelConfig
+    from posttrain.model import forward
+    monkeypatch.setattr(forward, "CALL_COST", 0)       # chunked: a pass per length
+    passes = []
+    real = forward._completion_pass
+    monkeypatch.setattr(forward, "_completion_pass",
+                        lambda *a, **k: passes.append(a[2]) or real(*a, **k))
     model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
                                      torch.device("cpu"))
     params = [p.requires_grad_() for p in model.parameters()]
@@ -236,8 +246,11 @@ def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient
         ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]),
         ([12], [3, 4, 5]), ([12], [6]))]
     for groups in ([[0, 1], [2, 3], [4, 5]], [[4, 5]]):
+        passes.clear()
         lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
                                       stop_id=1, fast=fast, prompt_grad=False)
+        assert len(passes) == (len({len(records[i].completion_ids) for g in groups for i in g})
+                               if chunked else 1)
         grads = torch.autograd.grad((lp.tokens + 0.5 * lp.stop).sum(), params)
         want_lp, want_stop, want = _no_prompt_grad_reference(model, records, groups, params)
         torch.testing.assert_close(lp.tokens.detach(), want_lp, rtol=1e-5, atol=1e-5)
