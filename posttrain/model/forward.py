@@ -115,22 +115,24 @@ def _detached_prompt_parts(model, ids, pmask, ppos, flat, G, pad_id, device, onl
     token against its prompt's cache rows; every part holds all of its samples' tokens."""
     cache = None
     if ids.shape[1] > 1:
+        none = torch.empty(0, dtype=torch.long, device=device)      # the cache, no logits
         with torch.no_grad():
             cache = model(input_ids=ids[:, :-1], attention_mask=pmask[:, :-1],
-                          position_ids=ppos[:, :-1], use_cache=True, logits_to_keep=1).cache
+                          position_ids=ppos[:, :-1], use_cache=True, logits_to_keep=none).cache
     lead = ids[:, -1].tolist()            # each prompt's last token (left padding)
     seqs = [[lead[i // G]] + c for i, c in enumerate(flat)]
     chunks = length_chunks([len(c) for c in flat]) if chunked else [list(range(len(flat)))]
-    return [_completion_pass(model, cache, c, seqs, G, pmask[:, :-1], ppos[:, :-1], pad_id,
-                             device, only, start=ppos[:, -1:]) for c in chunks if c]
+    return [_completion_pass(model, cache, c, seqs, G, pmask[:, :-1], None, pad_id, device,
+                             only, start=ppos[:, -1:]) for c in chunks if c]
 
 
 def _completion_pass(model, cache, samples, flat, G, pmask, ppos, pad_id, device, only,
                      start=None):
     """2. these samples' completions against their prompts' cache rows: token j predicts
     token j+1; (samples, logits) or None when none has a later token. `start` (B, 1): the
-    first input token's position (default: after the cached prompt); `cache` None: no
-    cached tokens (pmask and ppos then have no columns)."""
+    first input token's position (default: after the cached prompt, whose positions `ppos`
+    then gives; with `start`, ppos is not read); `cache` None: no cached tokens (pmask then
+    has no columns)."""
     from transformers import DynamicCache  # heavy: loaded on first use
 
     if not samples:
