@@ -24,7 +24,10 @@ Per seed, each in its own process (so its peak memory, ru_maxrss, is its own), u
               the config's held-out prompts (eval.num_prompts x eval.samples_per_prompt), the
               same seeds for every policy; per policy the mean length, variance, the SFT /
               policy variance ratio with its bootstrap interval, abrupt-ending rate, ROUGE-L
-              and the KL to SFT on its own samples
+              and the KL to SFT on its own samples; beside the variance ratio, the same
+              ratio of var / mean^2 (the relative ratio: the spread cut with the change of
+              mean taken out; added to an evaluation stored without it, from its
+              samples.jsonl)
 
 One round is one generation plus its optimizer steps, timed from the start of its sampling to
 the end of its last step. Sampling new tokens/s: the round's sampled completion tokens (EOS
@@ -60,7 +63,7 @@ for _path in (ROOT, ROOT / "bench"):   # the repository's posttrain and peers_tr
         sys.path.insert(0, str(_path))
 
 from peers_trl import (PIP, child, config_text, fingerprint, load_cfg,  # noqa: E402
-                       non_default, step_shape, trl_settings)
+                       non_default, relative_ratios, step_shape, trl_settings)
 
 KINDS = ("posttrain", "trl")
 FIGURES = ("median_round_s", "sampling_new_tokens_per_s", "training_tokens_per_s", "peak_mib")
@@ -218,7 +221,21 @@ def run_seed(runner: Runner, seed: int, only: list, bf16: bool | None) -> dict:
             runner.set_aside(folder, "stale")
         out["eval"] = runner.part("eval", folder, seed, [a for n, p in policies.items()
                                                          for a in ("--policy", f"{n}={p}")])
+        with_relative(out["eval"], folder, runner.cfg.eval.bootstrap)
     return out
+
+
+def with_relative(result: dict, folder: Path, n_boot: int) -> None:
+    """An evaluation stored before the relative ratio existed gets it from its samples."""
+    from posttrain import seeds
+    names = [n for n in result["policies"] if n != "sft"]
+    if all("relative_ratio" in result["policies"][n] for n in names):
+        return
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()
+            if line.strip()]
+    for name, figs in relative_ratios(rows, names, n_boot,
+                                      seeds.bootstrap(result["seed"])).items():
+        result["policies"][name].update(figs)
 
 
 # ---------------------------------------------------------------- tables and the summary
@@ -228,12 +245,12 @@ def _row(label: str, values: list, fmt: str) -> str:
     return f"{label:28}" + "".join(f"{c:>22}" for c in cells)
 
 
-def _ratio(p: dict):
-    """The variance ratio, with its 95% bootstrap interval when there is one."""
-    if p.get("variance_ratio") is None:
+def _ratio(p: dict, key: str = "variance_ratio"):
+    """A ratio, with its 95% bootstrap interval when there is one."""
+    if p.get(key) is None:
         return None
-    ci = p.get("variance_ratio_ci95")
-    return f"{p['variance_ratio']:.2f}" + (f" ({ci[0]:.3g}-{ci[1]:.3g})" if ci else "")
+    ci = p.get(f"{key}_ci95")
+    return f"{p[key]:.2f}" + (f" ({ci[0]:.3g}-{ci[1]:.3g})" if ci else "")
 
 
 def print_table(title: str, figs: dict, evals: dict | None) -> None:
@@ -256,6 +273,8 @@ def print_table(title: str, figs: dict, evals: dict | None) -> None:
                             ("rougeL", "ROUGE-L", ".2f"), ("kl_k3", "KL k3 to SFT", ".4f")):
         print(_row(label, [evals[n].get(key) for n in names], fmt))
     print(_row("variance ratio SFT/policy", [_ratio(evals[n]) for n in names], "s"))
+    print(_row("  of var/mean^2 (relative)", [_ratio(evals[n], "relative_ratio")
+                                             for n in names], "s"))
 
 
 def _mean(values: list):
@@ -276,7 +295,7 @@ def summarize(per_seed: dict) -> dict:
     for r in runs:
         for name, p in (r.get("eval") or {}).items():
             evals.setdefault(name, []).append(p)
-    evals = {n: {k: _mean([p.get(k) for p in ps]) for k in ps[0] if k != "variance_ratio_ci95"}
+    evals = {n: {k: _mean([p.get(k) for p in ps]) for k in ps[0] if not k.endswith("_ci95")}
              for n, ps in evals.items()}
     both = all("speedup" in r["speed"] and {"posttrain", "trl"} <= set(r.get("eval") or {})
                for r in runs)

@@ -412,7 +412,25 @@ def eval_figures(cfg, samples: list[dict], kl: dict, names: list) -> dict:
                                                         seeds.bootstrap(cfg.seed)))
         o["mean_change"] = o["mean"] / sft["mean"] - 1
         o.update(kl[name])
+    for name, figs in relative_ratios(samples, names, cfg.eval.bootstrap,
+                                      seeds.bootstrap(cfg.seed)).items():
+        out[name].update(figs)
     return out
+
+
+def relative_ratios(samples: list[dict], names: list, n_boot: int, boot_seed: int) -> dict:
+    """Per RL policy: the SFT/policy ratio of var / mean^2 (the squared coefficient of
+    variation) with its bootstrap interval: the spread cut with the change of mean taken
+    out, since a policy that makes every summary 20% shorter cuts the variance 1.56x by
+    that alone."""
+    from posttrain.evaluate.metrics import bootstrap_ratio, relative_variance
+    lengths = {n: [s["length_chars"] for s in samples if s["model"] == n]
+               for n in ("sft", *names)}
+    return {n: {"relative_ratio": relative_variance(lengths["sft"])
+                / max(relative_variance(lengths[n]), 1e-12),
+                "relative_ratio_ci95": list(bootstrap_ratio(lengths["sft"], lengths[n], n_boot,
+                                                            boot_seed, relative=True))}
+            for n in names}
 
 
 def child(args) -> None:

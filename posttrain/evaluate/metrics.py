@@ -23,12 +23,26 @@ def rouge(predictions: list[str], references: list[str]) -> list[dict]:
     return out
 
 
-def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> tuple:
-    """95% bootstrap interval of var(a) / var(b), each resampled with replacement."""
+def relative_variance(x) -> float:
+    """var / mean^2, the squared coefficient of variation: the spread a change of scale
+    alone (every length times the same factor) does not move."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.var() / max(x.mean() ** 2, 1e-9))
+
+
+def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0,
+                    relative: bool = False) -> tuple:
+    """95% bootstrap interval of var(a) / var(b) (`relative`: of relative_variance(a) /
+    relative_variance(b)), each resampled with replacement; the same draws either way."""
     rng = np.random.default_rng(seed)
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    va = a[rng.integers(0, len(a), (n, len(a)))].var(axis=1)
-    vb = b[rng.integers(0, len(b), (n, len(b)))].var(axis=1)
+
+    def spread(x):
+        draws = x[rng.integers(0, len(x), (n, len(x)))]
+        v = draws.var(axis=1)
+        return v / np.maximum(draws.mean(axis=1) ** 2, 1e-9) if relative else v
+    va = spread(a)
+    vb = spread(b)
     ratios = np.sort(va / np.maximum(vb, 1e-9))
     return float(ratios[int(0.025 * n)]), float(ratios[int(0.975 * n) - 1])
 

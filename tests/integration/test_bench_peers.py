@@ -106,6 +106,7 @@ def _check_figures(report: dict) -> None:
     for name in ("posttrain", "trl"):
         p = rec["eval"][name]
         assert p["variance_ratio"] > 0 and len(p["variance_ratio_ci95"]) == 2, name
+        assert p["relative_ratio"] > 0 and len(p["relative_ratio_ci95"]) == 2, name
         assert p["kl_k3"] > 0, name   # both trained away from SFT (TRL's adapter is loaded)
 
 
@@ -144,3 +145,26 @@ def test_a_part_made_before_an_option_existed_is_reused_at_its_default():
     assert peers._diff(stored, bare.replace("42", "1"), bare) == []
     assert peers._diff(stored, bare.replace("true", "false"), bare) == ["rl.prompt_grad"]
     assert peers._diff(stored, bare.replace("0.1", "0.2"), bare) == ["rl.beta"]
+
+
+def test_an_evaluation_stored_without_the_relative_ratio_gets_it_from_its_samples(tmp_path):
+    """A policy whose every length is half the SFT's (same spread in proportion) has a plain
+    ratio of 4 and a relative ratio of 1, read from the evaluation's samples.jsonl; a result
+    that has it already is left alone (its samples are not read again)."""
+    import random
+
+    import peers
+    rng = random.Random(0)
+    sft = [rng.randint(60, 300) for _ in range(60)]
+    rows = [{"model": "sft", "length_chars": n} for n in sft] + \
+        [{"model": "trl", "length_chars": n / 2} for n in sft]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = {"seed": 3, "policies": {"sft": {"var": 1.0}, "trl": {"variance_ratio": 4.0}}}
+    peers.with_relative(result, tmp_path, 200)
+    trl = result["policies"]["trl"]
+    assert trl["relative_ratio"] == pytest.approx(1.0)
+    lo, hi = trl["relative_ratio_ci95"]
+    assert lo < 1 < hi
+    (tmp_path / "samples.jsonl").unlink()
+    peers.with_relative(result, tmp_path, 200)
+    assert result["policies"]["trl"]["relative_ratio_ci95"] == [lo, hi]

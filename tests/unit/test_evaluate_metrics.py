@@ -62,6 +62,28 @@ def test_bootstrap_interval_brackets_the_ratio():
     assert lo < point < hi and 5 < lo and hi < 14
 
 
+def test_relative_bootstrap_ignores_a_change_of_scale():
+    """The relative ratio (of var / mean^2) is the plain ratio with each side's scale taken
+    out: halving every length of b multiplies the plain interval by 4 and leaves the relative
+    one as it was (the same draws); the relative point lies inside its interval, which for a
+    shorter b (std 60 at mean ~150 against 20 at 100: plain ~9, relative ~4) lies below the
+    plain one."""
+    from posttrain.evaluate.metrics import relative_variance
+    g = torch.Generator().manual_seed(0)
+    a = (150 + 60 * torch.randn(300, generator=g)).abs().tolist()
+    b = (100 + 20 * torch.randn(300, generator=g)).abs().tolist()
+    half = [x / 2 for x in b]
+    plain = evaluate.bootstrap_ratio(a, b, n=300, seed=2)
+    rel = evaluate.bootstrap_ratio(a, b, n=300, seed=2, relative=True)
+    assert evaluate.bootstrap_ratio(a, half, n=300, seed=2) == pytest.approx(
+        [4 * x for x in plain], rel=1e-9)
+    assert evaluate.bootstrap_ratio(a, half, n=300, seed=2, relative=True) == \
+        pytest.approx(rel, rel=1e-9)
+    point = relative_variance(a) / relative_variance(b)
+    assert rel[0] < point < rel[1] and rel[1] < plain[0]
+    assert relative_variance([1.0, 3.0]) == 0.25
+
+
 def test_subreddit_parsed():
     assert evaluate.subreddit("SUBREDDIT: r/tifu\n\nPOST: x") == "tifu"
     assert evaluate.subreddit("no header") == ""
