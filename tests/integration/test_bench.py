@@ -59,3 +59,28 @@ def test_recipe_bench_runs_variants_saves_and_skips(tiny_model_dir, tmp_path):
     assert again.returncode == 0 and again.stdout.count("done earlier") == 2
     bad = subprocess.run(cmd[:2] + ["--variants", "nope"], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown variant" in bad.stderr
+
+
+def test_attention_bench_folded_attention_matches_sdpa():
+    """The folded-GQA eager attention the bench times is SDPA's attention (fp32, grads too)."""
+    import importlib.util
+    import torch
+    path = Path(__file__).resolve().parents[2] / "bench" / "attention_ab.py"
+    spec = importlib.util.spec_from_file_location("attention_ab", path)
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    torch.manual_seed(0)
+    q, k, v, mask = ab.inputs(3, 5, 20)  # every row keeps some prompt positions
+    assert not mask.all() and mask.any()          # left padding and the causal part both mask
+    grads = []
+    for fn in (ab.flash, ab.folded):
+        out = fn(q, k, v, mask)
+        out.square().sum().backward()
+        grads.append((out.detach(), *(t.grad.clone() for t in (q, k, v))))
+        for t in (q, k, v):
+            t.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # a wrong grouping of query heads onto key/value heads would not match
+    swapped = ab.folded(q, k.flip(1), v.flip(1), mask).detach()
+    assert not torch.allclose(swapped, grads[0][0], atol=1e-3)
