@@ -34,7 +34,7 @@ a micro-batch (posttrain: whole prompt groups, reshuffled each pass; TRL: one sh
 round, the same split each pass); the precision (posttrain: model.precision, sampling from a
 merged copy; TRL: bf16 autocast or fp32, as the sweep found faster); TRL's extra no-grad
 forward for the old policy's log-probs (posttrain records them while sampling); and beta
-under rl.kl_control=adaptive (posttrain steers it; TRL's stays at rl.beta).
+under rl.kl_control=adaptive_token (posttrain steers it; TRL's stays at rl.beta).
 """
 from __future__ import annotations
 

@@ -43,9 +43,9 @@ class Variant:
 # Every variant spells out the keys it depends on, so it means the same whatever the base
 # config's RL section holds (a later key=value wins over an earlier one).
 _OFFLINE = ("rl.mode=offline", "rl.advantage=seed", "reward.ending=null", "rl.max_lr=3e-4",
-            "rl.min_lr=3e-5", "rl.epochs=1", "rl.kl_control=adaptive", "rl.beta=0.01")
+            "rl.min_lr=3e-5", "rl.epochs=1", "rl.kl_control=adaptive_token", "rl.beta=0.01")
 _ONLINE = ("rl.mode=online", "rl.max_lr=1e-3", "rl.min_lr=1e-4", "rl.ppo_epochs=2",
-           "reward.ending=-1", "rl.kl_control=adaptive", "rl.beta=0.01", "rl.baseline=group",
+           "reward.ending=-1", "rl.kl_control=adaptive_token", "rl.beta=0.01", "rl.baseline=group",
            "rl.group_std=false", "rl.loss_agg=token", "rl.credit=all")
 VARIANTS = {
     "seed-offline": Variant(
@@ -54,7 +54,7 @@ VARIANTS = {
     "demo-stop": Variant(
         "main's demo: online, stop credit alone, no ending rule, lr 3e-4, 1 PPO epoch",
         ("rl.mode=online", "rl.advantage=stop", "reward.ending=null", "rl.max_lr=3e-4",
-         "rl.min_lr=3e-5", "rl.ppo_epochs=1", "rl.kl_control=adaptive", "rl.beta=0.01")),
+         "rl.min_lr=3e-5", "rl.ppo_epochs=1", "rl.kl_control=adaptive_token", "rl.beta=0.01")),
     "group-end": Variant(
         "online, group advantages on every token, -1 for an abrupt ending, lr 1e-3, "
         "2 PPO epochs", _ONLINE + ("rl.advantage=group",)),
@@ -94,6 +94,34 @@ VARIANTS = {
         _ONLINE + ("rl.advantage=group", "rl.max_lr=2e-3", "rl.min_lr=2e-4")),
     "sft2-group-end": Variant(
         "group-end from an SFT of 2 epochs", _ONLINE + ("rl.advantage=group", "sft.epochs=2")),
+    # Toward the best-of-N frontier: the KL summed per summary (the budget's unit) and
+    # objectives whose optimum is best-of-N sampling.
+    "demo-summary-kl": Variant(
+        "the demo's recipe (step-stop-end-b0.1) with both terms summed per summary and "
+        "beta 1 on the KL per summary",
+        _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
+                   "rl.loss_agg=summary", "rl.kl_control=fixed", "rl.beta=1.0")),
+    "bond-set": Variant(
+        "BOND: reward (N-1) log F(r), N = 4, F of the first round's SFT rewards as a whole, "
+        "group advantages summed per summary, beta 1 on the KL per summary",
+        _ONLINE + ("rl.advantage=group", "rl.bond=set", "rl.best_of_n=4", "rl.loss_agg=summary",
+                   "rl.kl_control=fixed", "rl.beta=1.0")),
+    "bond-group": Variant(
+        "bond-set with F of each sample's own prompt group in its round",
+        _ONLINE + ("rl.advantage=group", "rl.bond=group", "rl.best_of_n=4",
+                   "rl.loss_agg=summary", "rl.kl_control=fixed", "rl.beta=1.0")),
+    "bond-set-step": Variant(
+        "bond-set with one baseline per step (all prompts) and the stop credit on the same "
+        "BOND reward",
+        _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
+                   "rl.bond=set", "rl.best_of_n=4", "rl.loss_agg=summary",
+                   "rl.kl_control=fixed", "rl.beta=1.0")),
+    "raft": Variant(
+        "best-of-8 distillation (RAFT / ReST-EM): each round, each prompt's best sample by "
+        "the reward, its likelihood raised (advantage 1, PPO-clipped), summed per summary, "
+        "beta 1 on the KL per summary",
+        _ONLINE + ("rl.advantage=best_of_n", "rl.loss_agg=summary", "rl.kl_control=fixed",
+                   "rl.beta=1.0")),
 }
 
 
@@ -125,7 +153,7 @@ def sft_run(args, out: Path, name: str, variant: Variant, seed: int) -> tuple[Pa
     own = [o for o in variant.overrides if o.startswith("sft.")]
     run = out / (f"sft-s{seed}" + (f"-{name}" if own else ""))
     run.mkdir(parents=True, exist_ok=True)
-    common = [f"seed={seed}", *args.overrides, *own]
+    common = [f"seed={seed}", *own, *args.overrides]
     took = {}
     if not (run / "sft" / "summary.json").is_file():
         took["sft_seconds"] = posttrain("sft", args.config, run, common, run / "log.txt")
@@ -144,12 +172,13 @@ def sft_run(args, out: Path, name: str, variant: Variant, seed: int) -> tuple[Pa
 def rl_run(args, out: Path, name: str, variant: Variant, seed: int, sft: Path) -> dict:
     """Train the variant's RL on the seed's SFT adapter, judge it, compare it with SFT."""
     from posttrain.evaluate import bootstrap_ratio
+    from posttrain.evaluate.frontier import best_of_n_table, frontier_match
 
     run = out / f"{name}-s{seed}"
     run.mkdir(parents=True, exist_ok=True)
     if not (run / "sft").exists():
         (run / "sft").symlink_to((sft / "sft").resolve(), target_is_directory=True)
-    common = [f"seed={seed}", *args.overrides, *variant.overrides]
+    common = [f"seed={seed}", *variant.overrides, *args.overrides]  # yours win
     log = run / "log.txt"
     seconds = 0.0
     if variant.offline:
@@ -160,6 +189,9 @@ def rl_run(args, out: Path, name: str, variant: Variant, seed: int, sft: Path) -
     s, r = s_rep["models"]["sft"], r_rep["models"]["rl"]
     a = [x["length_chars"] for x in _samples(sft)]
     b = [x["length_chars"] for x in _samples(run)]
+    frontier = best_of_n_table(_samples(sft), s["length_chars"]["var"])
+    ratio = s["length_chars"]["var"] / max(r["length_chars"]["var"], 1e-9)
+    match = frontier_match(frontier, ratio)
     summary = _read(run / "rl" / "summary.json")
     tokens = summary.get("sampled_tokens")
     if variant.offline:
@@ -168,19 +200,24 @@ def rl_run(args, out: Path, name: str, variant: Variant, seed: int, sft: Path) -
     return {"variant": name, "seed": seed, "n": [s["n"], r["n"]],
             "sft_mean": s["length_chars"]["mean"], "sft_var": s["length_chars"]["var"],
             "rl_mean": r["length_chars"]["mean"], "rl_var": r["length_chars"]["var"],
-            "variance_ratio": s["length_chars"]["var"] / max(r["length_chars"]["var"], 1e-9),
+            "variance_ratio": ratio,
             "variance_ratio_ci95": list(bootstrap_ratio(a, b, 2000, seed)),
             "mean_change": r["length_chars"]["mean"] / s["length_chars"]["mean"] - 1,
             "sft_abrupt": s["abrupt_rate"], "rl_abrupt": r["abrupt_rate"],
             "sft_rougeL": s["rougeL"], "rl_rougeL": r["rougeL"], "kl": r.get("kl_k3"),
+            "kl_summary": r.get("kl_k3_summary"), "kl_summary_ci95": r.get("kl_k3_summary_ci95"),
+            "frontier_n": match["n"], "frontier_kl": match["kl"],
+            "beyond_frontier": match["beyond"],
+            "sft_frontier": [[x["n"], x["kl_bound"], x["ratio"]] for x in frontier],
             "rl_seconds": seconds, "sampled_tokens": tokens}
 
 
 def table(results: list[dict], sft_info: dict) -> str:
-    """One row per variant: figures over its seeds (mean, and min-max for the ratio)."""
+    """One row per variant: figures over its seeds (mean, and min-max for the ratio), with
+    the KL per summary and the SFT best-of-N the ratio matches (its KL bound)."""
     head = ("| variant | seeds | SFT/RL variance ratio: mean (min-max) | RL mean vs SFT | "
-            "abrupt SFT -> RL | ROUGE-L SFT -> RL | KL | RL wall (s) | sampled tokens | "
-            "SFT loss |")
+            "abrupt SFT -> RL | ROUGE-L SFT -> RL | KL / summary | matches SFT best-of-N "
+            "(KL bound) | RL wall (s) | sampled tokens | SFT loss |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     by: dict = {}
     for r in results:
@@ -194,16 +231,33 @@ def table(results: list[dict], sft_info: dict) -> str:
             f"({min(ratios):.2f}-{max(ratios):.2f}) | {100 * f(r['mean_change'] for r in rows):+.1f}% "
             f"| {f(r['sft_abrupt'] for r in rows):.2f} -> {f(r['rl_abrupt'] for r in rows):.2f} "
             f"| {f(r['sft_rougeL'] for r in rows):.1f} -> {f(r['rl_rougeL'] for r in rows):.1f} "
-            f"| {f(r['kl'] or 0.0 for r in rows):.3f} | {f(r['rl_seconds'] for r in rows):.0f} "
+            f"| {f(r.get('kl_summary') or 0.0 for r in rows):.2f} "
+            f"| {f(r.get('frontier_n', 1.0) for r in rows):.1f} "
+            f"({f(r.get('frontier_kl', 0.0) for r in rows):.2f}) "
+            f"| {f(r['rl_seconds'] for r in rows):.0f} "
             f"| {f(r['sampled_tokens'] or 0 for r in rows):.0f} | {f(loss):.3f} |")
     lines += ["", "| variant | seed | SFT mean / var | RL mean / var | ratio (95% CI) | "
-              "abrupt SFT -> RL | ROUGE-L SFT -> RL | KL |", "|---|---|---|---|---|---|---|---|"]
+              "abrupt SFT -> RL | ROUGE-L SFT -> RL | KL / token | KL / summary (95% CI) | "
+              "matches SFT best-of-N (KL bound) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lo, hi = r["variance_ratio_ci95"]
+        klo, khi = r.get("kl_summary_ci95") or (0.0, 0.0)
+        beyond = " or beyond" if r.get("beyond_frontier") else ""
         lines.append(f"| {r['variant']} | {r['seed']} | {r['sft_mean']:.1f} / {r['sft_var']:.0f} "
                      f"| {r['rl_mean']:.1f} / {r['rl_var']:.0f} | {r['variance_ratio']:.2f} "
                      f"({lo:.2f}-{hi:.2f}) | {r['sft_abrupt']:.2f} -> {r['rl_abrupt']:.2f} | "
-                     f"{r['sft_rougeL']:.1f} -> {r['rl_rougeL']:.1f} | {r['kl'] or 0.0:.3f} |")
+                     f"{r['sft_rougeL']:.1f} -> {r['rl_rougeL']:.1f} | {r['kl'] or 0.0:.3f} | "
+                     f"{r.get('kl_summary') or 0.0:.2f} ({klo:.2f}-{khi:.2f}) | "
+                     f"{r.get('frontier_n', 1.0):.1f}{beyond} ({r.get('frontier_kl', 0.0):.2f}) |")
+    frontiers = {r["seed"]: r["sft_frontier"] for r in results if r.get("sft_frontier")}
+    if frontiers:
+        lines += ["", "The SFT's best-of-N on the bench's prompts (variance ratio; KL bound per "
+                  "summary in brackets):", "", "| seed | " + " | ".join(
+                      f"N={n}" for n, _, _ in next(iter(frontiers.values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(frontiers.values())))]
+        for seed, rows in frontiers.items():
+            lines.append(f"| {seed} | " + " | ".join(f"{q:.2f} ({kl:.2f})" for _, kl, q in rows)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -216,10 +270,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="42,1,2")
     ap.add_argument("--out", default="runs/recipes")
     ap.add_argument("--eval-prompts", type=int, default=48)
-    ap.add_argument("--eval-samples", type=int, default=5)
+    ap.add_argument("--eval-samples", type=int, default=8,
+                    help="samples per prompt: the SFT's best-of-N frontier reaches N = this")
     ap.add_argument("--report", action="store_true",
                     help="only tabulate the finished results of these variants and seeds")
-    ap.add_argument("overrides", nargs="*", help="key=value for every run (e.g. data paths)")
+    ap.add_argument("overrides", nargs="*", help="key=value for every run (e.g. data paths); "
+                    "they win over a variant's own")
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]

@@ -20,7 +20,7 @@ EXAMPLES = """examples:
   posttrain sft                                   # one stage of the demo
   posttrain sft out_dir=runs/try lora.rank=8 sft.max_lr=1e-4
   posttrain rl --config defaults out_dir=runs/seed  # the seed's offline method (the defaults)
-  posttrain rl --print-config rl.kl_control=adaptive
+  posttrain rl --print-config rl.kl_control=adaptive_summary
   accelerate launch --config_file "$(posttrain accelerate-config ddp)" -m posttrain run
 
 Without --config every stage uses the demo's config (the bundled `demo`), as `posttrain run`

@@ -164,19 +164,49 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale_by_std: b
     return centred / (var.sqrt()[group] + eps)
 
 
-def token_weights(token_seq: torch.Tensor, num_seqs: int, per_sequence: bool) -> torch.Tensor:
-    """Weights that turn a sum over tokens into the loss average.
+def token_weights(token_seq: torch.Tensor, num_seqs: int, agg: str = "token") -> torch.Tensor:
+    """Weights that turn a sum over tokens into the loss.
 
-    per token (the seed): every token weighs 1/N, so a long sample moves the loss by more
-    tokens than a short one (its advantage pushes on more tokens: a length bias).
-    per sequence: each sequence's tokens are averaged first, then the sequences (each weighs
+    `token` (the reference recipe): every token weighs 1/N, so a long sample moves the loss
+    by more tokens than a short one (its advantage pushes on more tokens: a length bias).
+    `sequence`: each sequence's tokens are averaged first, then the sequences (each weighs
     1/S whatever its length; Dr. GRPO and DAPO discuss the bias each choice carries).
+    `summary`: summed over each sequence's tokens, averaged over sequences (every token
+    weighs 1/S): a sequence's log-probability and its KL in nats per summary, the units in
+    which the KL-regularised optimum pi_ref * exp(R / beta) and the best-of-N KL
+    log N - (N-1)/N are stated.
     token_seq: (N,) sequence id of each token -> (N,)
     """
-    if not per_sequence:
+    if agg == "token":
         return torch.full(token_seq.shape, 1.0 / token_seq.numel())
+    if agg == "summary":
+        return torch.full(token_seq.shape, 1.0 / num_seqs)
     counts = torch.bincount(token_seq, minlength=num_seqs).clamp(min=1).float()
     return (1.0 / (counts * num_seqs))[token_seq]
+
+
+def empirical_cdf(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """F(x) = P(R <= x) for R drawn from `reference`, ties counted half, smoothed by half a
+    draw at each end so that F lies strictly inside (0, 1):
+    (#{ref < x} + #{ref == x} / 2 + 1/2) / (M + 1).
+    x: (S,); reference: (M,) -> (S,) float"""
+    ref = reference.to(torch.float64)
+    below = (ref[None, :] < x.to(torch.float64)[:, None]).sum(-1)                  # (S,)
+    equal = (ref[None, :] == x.to(torch.float64)[:, None]).sum(-1)                 # (S,)
+    return ((below + 0.5 * equal + 0.5) / (ref.numel() + 1)).to(x.dtype)
+
+
+def bond_reward(reward: torch.Tensor, reference: torch.Tensor, n: int) -> torch.Tensor:
+    """BOND's best-of-N-matching reward (Sessa et al. 2024): (n - 1) * log F(r), F the CDF
+    of the reward under the reference policy (`empirical_cdf` of `reference`, rewards of
+    reference samples). With the KL to the reference summed per summary and beta = 1, the
+    KL-regularised optimum pi_ref(y) * F(r(y))^(n-1) / Z is the best-of-n distribution, so
+    RL on this reward aims at the best-of-n frontier itself. 0 for a sample better than
+    every reference draw, about -(n - 1) * log M for one worse than all.
+    reward: (S,); reference: (M,) -> (S,)"""
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    return (n - 1) * torch.log(empirical_cdf(reward, reference))
 
 
 def decision_weights(weight: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:

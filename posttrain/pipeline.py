@@ -211,7 +211,8 @@ def _print_figures(cfg: Config, timings: dict) -> None:
     for name in sorted(models, key=["base", "sft", "rl"].index):
         m = models[name]
         c = m["length_chars"]
-        kl = f", KL {m['kl_k3']:.4f}/token" if "kl_k3" in m else ""
+        kl = (f", KL {m['kl_k3_summary']:.3f}/summary ({m['kl_k3']:.4f}/token)"
+              if "kl_k3_summary" in m else "")
         print(f"  {name:4} length {c['mean']:.1f} ± {c['std']:.1f} chars "
               f"(variance {c['var']:.0f}), "
               f"ROUGE-L {m['rougeL']:.1f}, EOS {m['eos_rate']:.2f}{kl}")
@@ -222,6 +223,12 @@ def _print_figures(cfg: Config, timings: dict) -> None:
         lo, hi = report["variance_ratio_ci95"]
         print(f"  variance ratio SFT/RL {report['variance_ratio']:.2f} (95% {lo:.2f}-{hi:.2f}), "
               f"mean {100 * report['mean_change']:+.1f}%, ROUGE-L {report['rougeL_diff']:+.2f}")
+    f = report.get("frontier", {})
+    if "rl" in f:
+        rl, b = f["rl"], f["budget"]
+        print(f"  best-of-N frontier: RL matches the SFT's best-of-{rl['matches_n']:.1f} "
+              f"(<= {rl['matches_kl']:.2f} nats) at {rl['kl_per_summary']:.2f} nats per summary;"
+              f" best-of-{b['n']} budget {b['kl_per_summary']:.3f}")
     for label, path in (("report", cfg.run_dir / "eval" / "report.md"),
                         ("figures", cfg.run_dir / "plots"),
                         ("viewer", cfg.run_dir / "view" / "index.html")):

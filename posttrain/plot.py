@@ -6,8 +6,12 @@ Reads `<out_dir>/eval/samples.jsonl` and `<out_dir>/metrics.jsonl`; writes `<out
   lengths_overlay.png  the same histograms overlaid
   sft_training.png     SFT loss per step and held-out loss
   length_control.png   requested vs achieved length (length-conditioned runs only)
-  rl_training.png      RL loss, KL (with the best-of-N target), beta, reward, and the length
-                       mean and std of the held-out checks (and of each online round)
+  frontier.png         variance ratio against KL per summary: the SFT model's best-of-N
+                       curve, the RL point with its intervals, and the RL policy's own
+                       best-of-N (from eval/report.json)
+  rl_training.png      RL loss, KL per summary (with the best-of-N budget) and per token,
+                       beta, reward, and the length mean and std of the held-out checks (and
+                       of each online round)
 A figure whose inputs are missing is skipped with a message.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from posttrain.config import Config
-from posttrain.io import InputFileError, atomic_write_bytes, read_jsonl
+from posttrain.io import InputFileError, atomic_write_bytes, read_json, read_jsonl
 from posttrain.metrics import read_metrics
 
 COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "rl": "#d62728"}
@@ -108,7 +112,7 @@ def _panel(ax, rows, keys: list[str], title: str, hline: float | None = None) ->
         if x:
             ax.plot(x, y, marker="." if len(x) < 30 else None, label=k)
     if hline is not None:
-        ax.axhline(hline, color="k", ls="--", lw=0.8, label="target")
+        ax.axhline(hline, color="k", ls="--", lw=0.8, label="best-of-N budget")
     ax.set_title(title)
     ax.set_xlabel("step")
     if len(ax.get_legend_handles_labels()[0]) > 1:
@@ -127,21 +131,59 @@ def training_figures(run_dir: Path, out: Path) -> list[Path]:
         paths.append(_save(fig, out / "sft_training.png"))
     rl = read_metrics(run_dir, "rl")
     if rl:
-        target = next((r["kl_target"] for r in rl if r.get("kl_target") is not None), None)
-        fig, axes = plt.subplots(2, 4, figsize=(17, 6.4))
+        budget = next((r["kl_budget"] for r in rl if r.get("kl_budget") is not None), None)
+        fig, axes = plt.subplots(2, 5, figsize=(21, 6.4))
         _panel(axes[0][0], rl, ["loss", "policy_loss"], "RL loss")
-        _panel(axes[0][1], rl, ["kl", "kl_k1"], "KL to SFT per token", target)
-        _panel(axes[0][2], rl, ["beta"], "KL coefficient beta")
-        _panel(axes[0][3], rl, ["reward_mean"], "mean reward")
+        _panel(axes[0][1], rl, ["kl_summary"], "KL to SFT per summary (nats)", budget)
+        _panel(axes[0][2], rl, ["kl", "kl_k1"], "KL to SFT per token")
+        _panel(axes[0][3], rl, ["beta"], "KL coefficient beta")
+        _panel(axes[0][4], rl, ["reward_mean"], "mean reward")
         # held-out checks, and in online mode the spread of each round's own samples
         _panel(axes[1][0], rl, ["eval_len_mean", "round_len_mean"], "length mean (chars)")
         _panel(axes[1][1], rl, ["eval_len_std", "round_len_std"], "length std (chars)")
         # the ending rule: the share of samples it penalised (per step; per round online)
         _panel(axes[1][2], rl, ["penalised", "round_abrupt"], "abrupt endings (share)")
         _panel(axes[1][3], rl, ["clip_frac"], "PPO clip fraction")
+        axes[1][4].axis("off")
         fig.tight_layout()
         paths.append(_save(fig, out / "rl_training.png"))
     return paths
+
+
+def frontier_figure(report: dict, out: Path) -> Path:
+    """Variance ratio (SFT's variance over the policy's) against KL per summary, both on log
+    axes: the SFT's best-of-N at its KL bound, RL with its 95% intervals, and RL's own
+    best-of-N placed at RL's KL plus the bound (KL adds up only approximately)."""
+    plt = _pyplot()
+    f = report["frontier"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    sft = [r for r in f["tables"].get("sft", []) if r["n"] > 1]
+    if sft:
+        ax.plot([r["kl_bound"] for r in sft], [r["ratio"] for r in sft], "o-",
+                color=COLORS["sft"], label="SFT best-of-N (KL bound)")
+        for r in sft:
+            ax.annotate(f"N={r['n']}", (r["kl_bound"], r["ratio"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, -10))
+    rl = f.get("rl")
+    if rl is not None:
+        m = report["models"]["rl"]
+        (klo, khi), (rlo, rhi) = m["kl_k3_summary_ci95"], report["variance_ratio_ci95"]
+        x, y = rl["kl_per_summary"], rl["ratio"]
+        ax.errorbar([x], [y], xerr=[[x - klo], [khi - x]], yerr=[[y - rlo], [rhi - y]],
+                    fmt="s", color=COLORS["rl"], capsize=4, label="RL (95% intervals)")
+        own = [r for r in f["tables"].get("rl", []) if r["n"] > 1]
+        if own:
+            ax.plot([x + r["kl_bound"] for r in own], [r["ratio"] for r in own], "s--",
+                    color=COLORS["rl"], alpha=0.5, label="RL best-of-N (RL's KL + bound)")
+    budget = f["budget"]
+    ax.axvline(budget["kl_per_summary"], color="k", ls=":", lw=0.8,
+               label=f"best-of-{budget['n']} budget")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("KL to SFT per summary (nats)")
+    ax.set_ylabel("length variance ratio SFT / policy")
+    ax.legend(fontsize=7)
+    return _save(fig, out / "frontier.png")
 
 
 def run(cfg: Config) -> list[Path]:
@@ -155,6 +197,11 @@ def run(cfg: Config) -> list[Path]:
         paths += length_figures(samples, out)
         if samples and all(s.get("target") is not None for s in samples):
             paths.append(control_figure(samples, out))
+        report_file = cfg.run_dir / "eval" / "report.json"
+        report = read_json(report_file, "run `posttrain eval` (again) first") \
+            if report_file.is_file() else {}
+        if report.get("frontier"):
+            paths.append(frontier_figure(report, out))
     else:
         print(f"plot: no {samples_file} (run `posttrain eval`); skipping the length figures")
     paths += training_figures(cfg.run_dir, out)

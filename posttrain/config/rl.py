@@ -42,14 +42,17 @@ class RLRun:
     rounding of this one. Needs the shared prompt pass (rl.share_prompt true, or auto on
     CPU)."""
     loss_agg: str = "token"
-    """`token`: the loss is averaged over all completion tokens of the step (the seed).
-    `sequence`: averaged within each sample, then over samples."""
+    """`token`: the loss is averaged over all completion tokens of the step (the reference
+    recipe). `sequence`: averaged within each sample, then over samples. `summary`: summed
+    over each sample's tokens, then averaged over samples, the policy and the KL term alike:
+    beta then weighs the KL in nats per summary (the unit of the best-of-N budget) against
+    a sample's advantage in reward units."""
     clip_eps: float = 0.3
     """PPO clip range epsilon: the ratio is clipped to [1 - eps, 1 + eps]."""
 
     def _check_run(self) -> None:
         _choice(self.mode, "rl.mode", ("offline", "online"))
-        _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence"))
+        _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence", "summary"))
         for name in ("batch_size", "grad_accum", "clip_eps"):
             _positive(getattr(self, name), f"rl.{name}")
         _auto_bool(self.share_prompt, "rl.share_prompt")
@@ -116,7 +119,8 @@ class RLAdvantage:
     counterfactual credit for the stop decision at every position (the reward had the sample
     stopped there, minus the reward it got), applied to the policy's EOS probability.
     `best_of_n`: keep only the highest-reward sample of each prompt group and raise its
-    likelihood (advantage 1, PPO-clipped): distilling best-of-G sampling. `group_stop`: both
+    likelihood (advantage 1, PPO-clipped): distilling best-of-G sampling (RAFT, ReST-EM;
+    online: each round's groups). `group_stop`: both
     `group` on every token and `stop` (scaled by `stop_weight`) in one loss. With
     reward.ending set, the stop credit counts only positions where stopping would end
     cleanly (stopping mid-sentence has no counterfactual: the group term punishes it)."""
@@ -137,6 +141,13 @@ class RLAdvantage:
     step's samples (all prompts). A group baseline cannot see a prompt whose samples are all
     too long or all too short, so it leaves the between-prompt part of the length spread
     alone; `step` pushes on it too (the length target is the same for every prompt)."""
+    bond: str = "none"
+    """BOND's best-of-N-matching reward (Sessa et al. 2024) in place of the length reward:
+    (N - 1) log F(r), N = rl.best_of_n, F the CDF of the reward r under the reference
+    policy; with rl.loss_agg=summary and beta 1 its KL-regularised optimum is the best-of-N
+    policy. `set`: F of the SFT policy's samples as a whole (offline: the generated set;
+    online: the first round). `group`: F of the sample's own prompt group in its round.
+    `none`: the length reward itself. The stop credit's rewards go through the same F."""
     adv_clamp: float = 3.0
     """Whitened advantages are clamped to [-adv_clamp, adv_clamp]."""
 
@@ -146,6 +157,7 @@ class RLAdvantage:
         _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
         _choice(self.baseline, "rl.baseline", ("group", "step"))
         _choice(self.credit, "rl.credit", ("all", "decisions"))
+        _choice(self.bond, "rl.bond", ("none", "set", "group"))
         if self.credit == "decisions" and self.advantage != "group_stop":
             raise ConfigError("rl.credit=decisions needs rl.advantage=group_stop (set "
                               "rl.stop_weight=0 for the group term alone)")
@@ -156,20 +168,31 @@ class RLAdvantage:
 class RLKL:
     """The KL penalty against the frozen SFT policy."""
     kl_control: str = "fixed"
-    """`fixed`: beta stays `beta`. `adaptive`: a proportional controller steers the per-token
-    KL to the best-of-N target log N - (N-1)/N."""
+    """`fixed`: beta stays `beta`. `adaptive_summary`: a proportional controller steers the
+    KL per summary (k3 summed over a sample's tokens) to the best-of-N budget
+    log N - (N-1)/N, the KL of best-of-N sampling. `adaptive_token`: the reference
+    recipe's controller, which steers the per-token KL to that same number."""
     beta: float = 0.01
     """KL coefficient (the start value when adaptive)."""
     best_of_n: int = 3
-    """N of the best-of-N KL target (N=3 gives 0.432 nats per token)."""
+    """N of the best-of-N KL budget log N - (N-1)/N, in nats per summary (N=3 gives 0.432):
+    the report compares the RL policy's KL per summary with it; with rl.bond, BOND's N."""
     kl_horizon: int = 100
     """Adaptive controller horizon in steps: larger moves beta more slowly."""
 
     def _check_kl(self) -> None:
-        _choice(self.kl_control, "rl.kl_control", ("fixed", "adaptive"))
+        if self.kl_control == "adaptive":
+            raise ConfigError("rl.kl_control=adaptive is now named for what it steers: "
+                              "adaptive_token (the reference recipe: the per-token KL) or "
+                              "adaptive_summary (the KL per summary)")
+        _choice(self.kl_control, "rl.kl_control", ("fixed", "adaptive_token",
+                                                   "adaptive_summary"))
         for name in ("best_of_n", "kl_horizon"):
             _positive(getattr(self, name), f"rl.{name}")
         _positive(self.beta, "rl.beta", allow_zero=self.kl_control == "fixed")
+        if self.kl_control == "adaptive_token" and self.loss_agg == "summary":
+            raise ConfigError("rl.kl_control=adaptive_token steers a per-token KL; with "
+                              "rl.loss_agg=summary use adaptive_summary or fixed")
 
 
 @dataclass(frozen=True)
@@ -207,9 +230,6 @@ class RLConfig(RLHeldOut, RLKL, RLAdvantage, RLOptim, RLOffline, RLOnline, RLRun
         self._check_run()
         self._check_kl()
         self._check_online()
-        if self.mode == "online" and self.advantage == "best_of_n":
-            raise ConfigError("rl.advantage=best_of_n is for offline mode (it distils a fixed "
-                              "set); use seed, group or stop with rl.mode=online")
         self._check_advantage()
         self._check_offline()
         self._check_held_out()

@@ -47,6 +47,14 @@ def bootstrap_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0
     return float(ratios[int(0.025 * n)]), float(ratios[int(0.975 * n) - 1])
 
 
+def bootstrap_mean(x: list[float], n: int = 2000, seed: int = 0) -> tuple:
+    """95% bootstrap interval of the mean of x (resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x, dtype=np.float64)
+    means = np.sort(x[rng.integers(0, len(x), (n, len(x)))].mean(axis=1))
+    return float(means[int(0.025 * n)]), float(means[int(0.975 * n) - 1])
+
+
 def summarize(samples: list[dict]) -> dict:
     """One model's figures from its sample rows."""
     n = len(samples)

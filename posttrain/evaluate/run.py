@@ -33,13 +33,15 @@ def _policy_context(model, name: str, has_rl: bool):
 
 @torch.no_grad()
 def kl_to_sft(model, rollouts: list, pad_id: int, device, dtype, batch_prompts: int) -> dict:
-    """Per-token KL(rl || sft) on the RL policy's own samples: both log-probs from the same
-    forward path (RL adapter on, then off), so a numeric floor cancels. k3 and k1 estimates."""
+    """KL(rl || sft) on the RL policy's own samples, per token and per summary (a sample's
+    tokens summed: the unit of the best-of-N budget), by the k3 and k1 estimates; both
+    log-probs from the same forward path (RL adapter on, then off), so a numeric floor
+    cancels. Returns the means and, per summary, each sample's figure (for its interval)."""
     groups: dict = {}
     for i, r in enumerate(rollouts):  # a prompt asked for different lengths is another prompt
         groups.setdefault((r.group, r.target), []).append(i)
     groups = list(groups.values())
-    k3, k1, n = 0.0, 0.0, 0
+    k3, k1 = [], []                   # per summary
     for s in range(0, len(groups), batch_prompts):
         chunk = groups[s:s + batch_prompts]
         with autocast(device, dtype):
@@ -48,10 +50,13 @@ def kl_to_sft(model, rollouts: list, pad_id: int, device, dtype, batch_prompts: 
             with sft_only(model):
                 ref = policy_logprobs(model, rollouts, chunk, pad_id, device,
                                       share_prompt=True).tokens.float()
-        k3 += O.kl_k3(new, ref).sum().item()
-        k1 += O.kl_k1(new, ref).sum().item()
-        n += new.numel()
-    return {"kl_k3": k3 / max(n, 1), "kl_k1": k1 / max(n, 1)}
+        sizes = [len(rollouts[i].completion_ids) for g in chunk for i in g]
+        k3 += [x.sum().item() for x in O.kl_k3(new, ref).split(sizes)]
+        k1 += [x.sum().item() for x in O.kl_k1(new, ref).split(sizes)]
+    tokens = sum(len(r.completion_ids) for r in rollouts)
+    return {"kl_k3": sum(k3) / max(tokens, 1), "kl_k1": sum(k1) / max(tokens, 1),
+            "kl_k3_summary": sum(k3) / max(len(k3), 1),
+            "kl_k1_summary": sum(k1) / max(len(k1), 1), "per_summary_k3": k3}
 
 
 def eval_targets(cfg: Config) -> list:

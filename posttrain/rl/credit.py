@@ -3,6 +3,8 @@ credit of every position (the reward had the sample stopped there), and the per-
 advantages and loss weights of one step."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from posttrain import objectives as O
@@ -53,6 +55,28 @@ def step_rewards(rollouts: list[Rollout], set_lengths, tokenizer, cfg: Config):
     return reward, StopCredit(stop_reward, clean, counted)
 
 
+def bond_shaped(reward: torch.Tensor, credit: Optional[StopCredit], reference: torch.Tensor,
+                groups: list[int], cfg: Config) -> tuple[torch.Tensor, Optional[StopCredit]]:
+    """With rl.bond, every reward (the samples' and the stop credit's) mapped to BOND's
+    (N - 1) log F(r): F of `reference` (the SFT policy's rewards) with rl.bond=set, of the
+    sample's own prompt group with rl.bond=group. `groups` (S,) are the samples' group ids."""
+    if cfg.rl.bond == "none":
+        return reward, credit
+    n = cfg.rl.best_of_n
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+
+    def ref_of(i: int) -> torch.Tensor:
+        return reference if cfg.rl.bond == "set" else reward[members[groups[i]]]
+    shaped = torch.stack([O.bond_reward(reward[i:i + 1], ref_of(i), n)[0]
+                          for i in range(len(reward))])
+    if credit is not None:
+        credit = credit._replace(reward=[O.bond_reward(r, ref_of(i), n)
+                                         for i, r in enumerate(credit.reward)])
+    return shaped, credit
+
+
 def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Tensor,
                     cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token advantages (N,) and loss weights (N,) for one step's S samples.
@@ -68,4 +92,4 @@ def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Te
         adv = O.per_token_advantages(reward, token_seq, cfg.rl.adv_clamp)
     if cfg.rl.advantage == "stop":  # stop credit is summed over a sample's positions
         return adv, torch.full(token_seq.shape, 1.0 / len(lengths))
-    return adv, O.token_weights(token_seq, len(lengths), cfg.rl.loss_agg == "sequence")
+    return adv, O.token_weights(token_seq, len(lengths), cfg.rl.loss_agg)

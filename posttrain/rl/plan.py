@@ -39,7 +39,8 @@ def step_plan(rollouts: list[Rollout], cfg: Config, epochs: float | None = None,
 
 def steps_per_round(cfg: Config, world: int = 1) -> int:
     """Optimizer steps of one online round (all its PPO epochs)."""
-    groups_per_micro = max(1, cfg.rl.batch_size // cfg.generate.samples_per_prompt)
+    kept = 1 if cfg.rl.advantage == "best_of_n" else cfg.generate.samples_per_prompt
+    groups_per_micro = max(1, cfg.rl.batch_size // kept)
     micro = math.ceil(cfg.rl.prompts_per_iteration / groups_per_micro)
     return math.ceil(micro / (cfg.rl.grad_accum * world)) * cfg.rl.ppo_epochs
 

@@ -200,6 +200,7 @@ def step_passes(ctx: StepContext, rollouts: list[Rollout], step: Step, reward: t
     if ctx.cfg.reward.ending is not None:  # the share of the step's samples the rule hit
         row["penalised"] = statistics.fmean(abrupt_flags([rollouts[i] for i in inputs.samples]))
     row.update(loss=total_loss, policy_loss=m["policy_loss"], kl=m["kl"], kl_k1=m["kl_k1"],
+               kl_summary=sums["kl"] / len(inputs.samples),
                beta=ctx.beta, clip_frac=m["clipped"], ratio_mean=m["ratio"],
                ratio_max=ratio_max, adv_mean=inputs.adv.mean().item(),
                adv_std=inputs.adv.std().item(), reward_mean=reward[inputs.samples].mean().item())

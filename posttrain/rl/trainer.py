@@ -24,7 +24,8 @@ class Trainer:
         self.loop = TrainLoop(cfg, "rl", cfg.rl, model, total_steps, acc, adapter=RL,
                               extra={"beta": cfg.rl.beta})
         self.held_out = HeldOut(cfg, tokenizer)
-        self.kl_target = O.best_of_n_kl(cfg.rl.best_of_n)
+        # the KL of best-of-N sampling, in nats per summary: the budget the KL is judged by
+        self.kl_budget = O.best_of_n_kl(cfg.rl.best_of_n)
         if "eval_before" not in self.extra:
             self.extra["eval_before"] = self.held_out.lengths(self.model, acc.device, dtype)
             self.loop.metrics.log(0, **self.extra["eval_before"])
@@ -51,16 +52,18 @@ class Trainer:
             lambda: step_passes(ctx, rollouts, step, reward, credit))
         row.update(lr=lr, grad_norm=float(grad_norm), tokens_per_s=step_tokens(
             rollouts, step, ctx.share_prompt) / (time.perf_counter() - t0))
-        # 6. beta: fixed, or steered toward the best-of-N KL target
-        if cfg.rl.kl_control == "adaptive":
-            self.extra["beta"] = O.adaptive_beta(self.extra["beta"], row["kl"], self.kl_target,
+        # 6. beta: fixed, or steered toward the best-of-N budget (the reference recipe holds
+        # the per-token KL against it; adaptive_summary the KL per summary, its own unit)
+        if cfg.rl.kl_control != "fixed":
+            kl = row["kl"] if cfg.rl.kl_control == "adaptive_token" else row["kl_summary"]
+            self.extra["beta"] = O.adaptive_beta(self.extra["beta"], kl, self.kl_budget,
                                                  cfg.rl.kl_horizon)
         # 7. log, evaluate, checkpoint
-        row.update(kl_target=self.kl_target, **logged)
+        row.update(kl_budget=self.kl_budget, **logged)
         every = cfg.rl.eval_every
         if every and self.step % every == 0 and self.step < self.loop.total:
             row.update(self.held_out.lengths(self.model, self.acc.device, self.dtype))
-        self.loop.log(row, kl=f"{row['kl']:.3f}", ratio=f"{row['ratio_mean']:.3f}",
+        self.loop.log(row, kl=f"{row['kl_summary']:.2f}/summary", ratio=f"{row['ratio_mean']:.3f}",
                       beta=f"{row['beta']:.3g}")
 
     def checkpoint_due(self) -> bool:
@@ -75,7 +78,7 @@ class Trainer:
         before = self.extra["eval_before"]
         after = self.held_out.lengths(self.model, self.acc.device, self.dtype)
         summary = {"steps": self.step, "beta_final": self.extra["beta"],
-                   "kl_target": self.kl_target, "eval_before": before, "eval_after": after,
+                   "kl_budget": self.kl_budget, "eval_before": before, "eval_after": after,
                    **summary}
         self.loop.finish(self.tokenizer, summary, after)
         print(f"rl: held-out length {before['eval_len_mean']:.1f} ± {before['eval_len_std']:.1f}"

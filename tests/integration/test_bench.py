@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY
 
 
@@ -59,6 +61,33 @@ def test_recipe_bench_runs_variants_saves_and_skips(tiny_model_dir, tmp_path):
     assert again.returncode == 0 and again.stdout.count("done earlier") == 2
     bad = subprocess.run(cmd[:2] + ["--variants", "nope"], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown variant" in bad.stderr
+
+
+def test_recipe_bench_runs_the_best_of_n_variants(tiny_model_dir, tmp_path):
+    """Each objective aimed at the best-of-N frontier, on the tiny model: it trains, is
+    judged with its KL per summary, and stands against the SFT's best-of-N frontier."""
+    script = Path(__file__).parents[2] / "bench" / "rl_recipes.py"
+    out = tmp_path / "recipes"
+    names = ["demo-summary-kl", "bond-set", "bond-group", "bond-set-step", "raft"]
+    cmd = [sys.executable, str(script), "--variants", ",".join(names), "--seeds", "3",
+           "--out", str(out), "--eval-prompts", "3", "--eval-samples", "4",
+           f"model.name={tiny_model_dir}", *TINY, "rl.iterations=2", "rl.grad_accum=1",
+           "reward.ending=null"]   # the tiny model's 10-token samples all end abruptly
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in names:
+        r = json.loads((out / "results" / f"{name}-s3.json").read_text())
+        assert r["n"] == [12, 12] and r["variance_ratio"] > 0
+        assert r["kl_summary"] > 0 and r["kl_summary"] > r["kl"]     # summed over tokens
+        assert [n for n, _, _ in r["sft_frontier"]] == [1, 2, 3, 4]
+        assert 1.0 <= r["frontier_n"] <= 4.0
+        metrics = [json.loads(x) for x in (out / f"{name}-s3" / "metrics.jsonl").read_text()
+                   .splitlines()]
+        steps = [m for m in metrics if m.get("stage") == "rl" and "kl_summary" in m]
+        assert steps and all(m["kl_budget"] == pytest.approx(0.432, abs=1e-3) or
+                             m["kl_budget"] == pytest.approx(0.636, abs=1e-3) for m in steps)
+    table = (out / "table.md").read_text()
+    assert "| raft | 3 |" in table and "The SFT's best-of-N on the bench's prompts" in table
 
 
 def test_attention_bench_folded_attention_matches_sdpa():

@@ -86,7 +86,7 @@ def test_generate_stores_pi_sft_logprobs_and_scores(run_cfg):
 
 
 def test_rl_ratio_is_one_at_step_zero_and_only_rl_adapter_trains(run_cfg):
-    cfg = run_cfg("rl.kl_control=adaptive")
+    cfg = run_cfg("rl.kl_control=adaptive_token")
     generate.run(cfg)
     summary = rl.run(cfg)
     rows = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]

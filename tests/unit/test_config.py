@@ -149,9 +149,9 @@ def test_help_prints_every_field_with_its_full_docstring():
     assert set(printed) == set(expected)          # every field, nothing else
     for key_line, doc_line in expected.items():
         assert printed[key_line] == doc_line, key_line
-    assert len(expected) == 118  # 110 before the schema was split; + fast.merged_sft,
+    assert len(expected) == 119  # 110 before the schema was split; + fast.merged_sft,
     # model.gqa_attention, model.fp32_cached_attention, fast.length_chunks,
-    # fast.lora_input_casts, fast.sorted_micro, fast.fused_projections, rl.prompt_grad
+    # fast.lora_input_casts, fast.sorted_micro, fast.fused_projections, rl.prompt_grad, rl.bond
     # a few in full, as written before the split
     text = describe()
     assert "  rl.iterations = 16\n      online: sampling rounds.\n" in text
@@ -211,12 +211,16 @@ def test_optim_checks_name_their_section(overrides, message):
     (("rl.clip_eps=1",), "rl.clip_eps=1.0 must be in (0, 1)"),
     (("rl.credit=decisions",), "rl.credit=decisions needs rl.advantage=group_stop (set "
                                "rl.stop_weight=0 for the group term alone)"),
-    (("rl.kl_control=adaptive", "rl.beta=0"), "rl.beta=0.0 must be > 0"),
+    (("rl.kl_control=adaptive_summary", "rl.beta=0"), "rl.beta=0.0 must be > 0"),
+    (("rl.kl_control=adaptive",), "rl.kl_control=adaptive is now named for what it steers: "
+     "adaptive_token (the reference recipe: the per-token KL) or adaptive_summary (the KL "
+     "per summary)"),
+    (("rl.kl_control=adaptive_token", "rl.loss_agg=summary"),
+     "rl.kl_control=adaptive_token steers a per-token KL; with rl.loss_agg=summary use "
+     "adaptive_summary or fixed"),
+    (("rl.bond=every",), "rl.bond='every' is not one of 'none', 'set', 'group'"),
     (("rl.eval_every=-1",), "rl.eval_every=-1 must be >= 0"),
     (("rl.keep_checkpoints=0",), "rl.keep_checkpoints=0 must be > 0"),
-    (("rl.mode=online", "rl.advantage=best_of_n"),
-     "rl.advantage=best_of_n is for offline mode (it distils a fixed set); use seed, group or "
-     "stop with rl.mode=online"),
 ])
 def test_every_rl_part_still_checks_its_fields(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -117,12 +117,42 @@ def test_controller_raises_beta_above_target_and_lowers_it_below():
     assert O.adaptive_beta(0.1, kl=100.0, target=0.4, horizon=10) == pytest.approx(0.1 * 1.02)
 
 
-def test_token_weights_per_token_and_per_sequence():
+def test_token_weights_per_token_per_sequence_and_per_summary():
     token_seq = torch.tensor([0, 0, 0, 1])          # a 3-token and a 1-token sequence
-    torch.testing.assert_close(O.token_weights(token_seq, 2, False), torch.full((4,), 0.25))
-    w = O.token_weights(token_seq, 2, True)
+    torch.testing.assert_close(O.token_weights(token_seq, 2, "token"), torch.full((4,), 0.25))
+    w = O.token_weights(token_seq, 2, "sequence")
     torch.testing.assert_close(w, torch.tensor([1 / 6, 1 / 6, 1 / 6, 0.5]))
     assert w.sum().item() == pytest.approx(1.0)
+    # per summary: a sequence's tokens are summed, the sequences averaged
+    kl = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    w = O.token_weights(token_seq, 2, "summary")
+    assert (kl * w).sum().item() == pytest.approx(((0.1 + 0.2 + 0.3) + 0.4) / 2)
+
+
+def test_empirical_cdf_by_hand():
+    ref = torch.tensor([0.0, 1.0, 1.0, 2.0])          # M = 4
+    x = torch.tensor([-5.0, 0.0, 1.0, 1.5, 9.0])
+    # (#below + #equal / 2 + 1/2) / 5
+    expected = torch.tensor([0.5, 1.0, 2.5, 3.5, 4.5]) / 5
+    torch.testing.assert_close(O.empirical_cdf(x, ref), expected)
+
+
+def test_bond_reward_by_hand_and_its_optimum_is_best_of_n():
+    ref = torch.tensor([0.0, 1.0, 2.0])
+    r = torch.tensor([0.0, 2.0, 5.0])
+    # (#below + #equal / 2 + 1/2) / (M + 1): below 0, 2, 3; equal 1, 1, 0
+    f = torch.tensor([1.0, 3.0, 3.5]) / 4
+    torch.testing.assert_close(O.bond_reward(r, ref, 4), 3 * torch.log(f))
+    assert torch.all(O.bond_reward(r, ref, 1) == 0)      # best-of-1 is the reference itself
+    # pi_ref * exp(R) with R = (n-1) log F puts mass F^(n-1) on each draw; on a continuous
+    # reward that is the density of the best of n draws: n F^(n-1) f.
+    torch.manual_seed(0)
+    draws = torch.randn(4000)
+    n = 5
+    w = torch.exp(O.bond_reward(draws, draws, n))
+    tilted_mean = (w * draws).sum() / w.sum()
+    best_mean = torch.randn(20000, n).max(-1).values.mean()
+    assert tilted_mean.item() == pytest.approx(best_mean.item(), abs=0.05)
 
 
 def test_stop_credit_pushes_stopping_where_it_would_have_paid():
