@@ -30,7 +30,8 @@ def test_run_writes_every_stage(finished):
               "eval/report.json", "eval/report.md", "eval/samples.jsonl", "eval/prompts.jsonl",
               "view/index.html", "pipeline.json"):
         assert (d / f).is_file(), f
-    for png in ("lengths.png", "lengths_overlay.png", "sft_training.png", "rl_training.png"):
+    for png in ("lengths.png", "lengths_overlay.png", "sft_training.png", "rl_training.png",
+                "frontier.png"):
         data = (d / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
 
@@ -45,12 +46,29 @@ def test_report_schema(finished):
         for key in ("rougeL", "rouge1", "rouge2", "eos_rate", "truncation_rate", "abrupt_rate"):
             assert isinstance(m[key], float), (name, key)
         assert m["length_chars"]["var"] == pytest.approx(m["length_chars"]["std"] ** 2)
-    assert report["models"]["rl"]["kl_k3"] >= 0
+    rl = report["models"]["rl"]
+    assert rl["kl_k3"] >= 0
+    # per summary: the per-token figure times the mean completion tokens (EOS counted)
+    samples = [json.loads(l) for l in (cfg.run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
+    tokens = [s["length_tokens"] + s["ended_with_eos"] for s in samples if s["model"] == "rl"]
+    assert rl["kl_k3_summary"] == pytest.approx(rl["kl_k3"] * sum(tokens) / len(tokens), rel=1e-6)
+    klo, khi = rl["kl_k3_summary_ci95"]
+    assert klo <= rl["kl_k3_summary"] <= khi
+    # the best-of-N frontier of every model from its own samples, N = 1..samples per prompt
+    f = report["frontier"]
+    assert f["budget"] == {"n": 3, "kl_per_summary": pytest.approx(0.4319, abs=1e-4)}
+    for name, table in f["tables"].items():
+        assert [r["n"] for r in table] == [1, 2]
+        assert table[0]["var"] == pytest.approx(report["models"][name]["length_chars"]["var"])
+    assert f["tables"]["sft"][0]["ratio"] == pytest.approx(1.0)
+    assert f["rl"]["ratio"] == pytest.approx(report["variance_ratio"])
+    assert f["rl"]["kl_per_summary"] == rl["kl_k3_summary"]
+    md = (cfg.run_dir / "eval" / "report.md").read_text()
+    assert "RL against the frontier" in md and "| sft | 2 | 0.19 |" in md
     assert report["variance_ratio"] == pytest.approx(
         report["models"]["sft"]["length_chars"]["var"] / report["models"]["rl"]["length_chars"]["var"])
     lo, hi = report["variance_ratio_ci95"]
     assert lo <= hi
-    samples = [json.loads(l) for l in (cfg.run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
     # every model sampled the same prompts
     assert {m: sorted(s["prompt_index"] for s in samples if s["model"] == m) for m in ("sft", "rl")} \
         == {m: [0, 0, 1, 1, 2, 2] for m in ("sft", "rl")}
@@ -153,3 +171,4 @@ def test_viewer_of_a_real_run_in_browser(finished):
     dom = dump_dom(cfg.run_dir / "view" / "index.html")
     assert "showing 3 of 3 prompts" in dom
     assert dom.count('data-model="rl"') == 3 and dom.count('data-model="sft"') == 3
+    assert "KL / summary" in dom and 'id="frontier"' in dom and "nats (best-of-3 budget" in dom
