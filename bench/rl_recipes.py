@@ -116,6 +116,12 @@ VARIANTS = {
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
                    "rl.bond=set", "rl.best_of_n=4", "rl.loss_agg=summary",
                    "rl.kl_control=fixed", "rl.beta=1.0")),
+    "bon-stop": Variant(
+        "best-of-4's stop decisions distilled: each round, every sample weighted by its "
+        "chance to be the best of 4 of its group, only p(EOS) trained (stop where it stopped, "
+        "go on elsewhere), beta 1 on the KL per summary",
+        _ONLINE + ("rl.advantage=best_of_n_stop", "rl.best_of_n=4", "rl.loss_agg=summary",
+                   "rl.kl_control=fixed", "rl.beta=1.0")),
     "raft": Variant(
         "best-of-8 distillation (RAFT / ReST-EM): each round, each prompt's best sample by "
         "the reward, its likelihood raised (advantage 1, PPO-clipped), summed per summary, "

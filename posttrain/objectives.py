@@ -242,6 +242,40 @@ def clipped_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: tor
     return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped
 
 
+def best_of_n_weights(k: int, n: int) -> torch.Tensor:
+    """(k,) float64: the probability that the sample ranked i-th lowest of k (by reward) is
+    the best of a uniformly drawn n-subset, C(i, n-1) / C(k, n); sums to 1. Weighting k
+    samples of a policy by it is best-of-n sampling of that policy, in expectation."""
+    if not 1 <= n <= k:
+        raise ValueError(f"best-of-{n} needs 1 <= n <= {k} samples")
+    return torch.tensor([math.comb(i, n - 1) for i in range(k)],
+                        dtype=torch.float64) / math.comb(k, n)
+
+
+def group_best_of_n_weights(reward: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
+    """Each sample's probability of being the best of n of its group's samples drawn at
+    random (`best_of_n_weights` by its rank in its group; a tie goes to the earlier sample;
+    n is capped at the group's size); each group's weights sum to 1.
+    reward: (S,); group: (S,) long -> (S,) float"""
+    out = torch.zeros(reward.shape, dtype=torch.float64)
+    for g in group.unique():
+        idx = (group == g).nonzero().flatten()                                     # (G,)
+        order = sorted(range(len(idx)), key=lambda j: (reward[idx[j]].item(), -j))
+        w = best_of_n_weights(len(idx), min(n, len(idx)))
+        out[idx[torch.tensor(order)]] = w
+    return out.to(reward.dtype)
+
+
+def stop_decision_loss(logp_stop: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
+    """The negative log-likelihood of a sample's stop decisions alone: -log p(stop) where it
+    stopped, -log(1 - p(stop)) everywhere it went on. Only the stop token's probability is
+    trained: going on scales every other token by the same factor, so the words keep their
+    relative odds and the KL this spends is the stop decisions' alone.
+    logp_stop: (N,) log pi(stop) at each position; stopped: (N,) bool -> (N,)"""
+    log_go = torch.log(-torch.expm1(logp_stop.clamp(max=-1e-6)))                 # log(1 - p)
+    return -torch.where(stopped, logp_stop, log_go)
+
+
 def best_of_n_kl(n: int) -> float:
     """The KL of best-of-n sampling from a policy: log n - (n - 1) / n (0.432 for n = 3)."""
     if n < 1:

@@ -120,10 +120,14 @@ class RLAdvantage:
     stopped there, minus the reward it got), applied to the policy's EOS probability.
     `best_of_n`: keep only the highest-reward sample of each prompt group and raise its
     likelihood (advantage 1, PPO-clipped): distilling best-of-G sampling (RAFT, ReST-EM;
-    online: each round's groups). `group_stop`: both
-    `group` on every token and `stop` (scaled by `stop_weight`) in one loss. With
-    reward.ending set, the stop credit counts only positions where stopping would end
-    cleanly (stopping mid-sentence has no counterfactual: the group term punishes it)."""
+    online: each round's groups). `best_of_n_stop`: distil the stop decisions of best-of-N
+    sampling (N = rl.best_of_n) from each prompt group: every sample is weighted by its
+    chance to be the best of N of its group's samples (0 for an abrupt ending) and only its
+    stop decisions are trained (stop where it stopped, go on everywhere else: p(EOS) moves,
+    the words keep their odds). `group_stop`: both `group` on every token and `stop`
+    (scaled by `stop_weight`) in one loss. With reward.ending set, the stop credit counts
+    only positions where stopping would end cleanly (stopping mid-sentence has no
+    counterfactual: the group term punishes it)."""
     group_std: bool = False
     """With advantage=group or group_stop: divide by the group's reward std (GRPO) or not
     (Dr. GRPO)."""
@@ -153,7 +157,7 @@ class RLAdvantage:
 
     def _check_advantage(self) -> None:
         _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "group_stop",
-                                                  "best_of_n"))
+                                                  "best_of_n", "best_of_n_stop"))
         _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
         _choice(self.baseline, "rl.baseline", ("group", "step"))
         _choice(self.credit, "rl.credit", ("all", "decisions"))

@@ -15,17 +15,9 @@ import math
 
 import numpy as np
 
-from posttrain.objectives import best_of_n_kl
+from posttrain.objectives import best_of_n_kl, best_of_n_weights
 
 COLUMNS = ("length_chars", "abrupt", "rougeL")
-
-
-def best_of_n_weights(k: int, n: int) -> np.ndarray:
-    """(k,): the probability that the sample ranked i-th lowest of k is the best of a
-    uniformly drawn n-subset: C(i, n-1) / C(k, n); sums to 1."""
-    if not 1 <= n <= k:
-        raise ValueError(f"best-of-{n} needs 1 <= n <= {k} samples")
-    return np.array([math.comb(i, n - 1) for i in range(k)], dtype=np.float64) / math.comb(k, n)
 
 
 def _by_prompt(samples: list[dict]) -> list[list[dict]]:
@@ -52,7 +44,7 @@ def best_of_n_table(samples: list[dict], sft_var: float | None = None,
             group = group[:k]
             # ascending by reward; among equal rewards the earlier sample ranks higher
             order = sorted(range(len(group)), key=lambda j: (group[j]["reward"], -j))
-            w = best_of_n_weights(len(group), n)
+            w = best_of_n_weights(len(group), n).numpy()
             x = np.array([float(group[j]["length_chars"]) for j in order])
             square += float(w @ x ** 2)
             for c in COLUMNS:

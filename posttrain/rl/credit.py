@@ -88,6 +88,8 @@ def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Te
         adv = O.group_advantages(reward, group, cfg.rl.group_std)[token_seq]
     elif cfg.rl.advantage == "best_of_n":  # every kept sample is its group's best: A = 1
         adv = torch.ones(token_seq.shape)
+    elif cfg.rl.advantage == "best_of_n_stop":  # no advantage: the step weighs the samples
+        adv = torch.zeros(token_seq.shape)
     else:  # seed (stop uses it for the ratio and clip metrics only)
         adv = O.per_token_advantages(reward, token_seq, cfg.rl.adv_clamp)
     if cfg.rl.advantage == "stop":  # stop credit is summed over a sample's positions

@@ -46,6 +46,12 @@ def step_inputs(rollouts: list[Rollout], step: Step, reward: torch.Tensor,
     group = torch.tensor([k for k, g in enumerate(step.groups) for _ in g])
     adv, weight = step_advantages(reward[flat], lengths, group, cfg)
     policy_w = weight                         # the policy term's weights (the KL's: weight)
+    if cfg.rl.advantage == "best_of_n_stop":  # each sample's chance to be its group's best
+        bon = O.group_best_of_n_weights(reward[flat], group, cfg.rl.best_of_n)     # (S,)
+        if cfg.reward.ending is not None:     # an abrupt ending is never distilled
+            bon = torch.where(reward[flat] == cfg.reward.ending, torch.zeros_like(bon), bon)
+        token_seq = torch.repeat_interleave(torch.arange(len(flat)), lengths)      # (N,)
+        policy_w = bon[token_seq] / len(step.groups)
     if cfg.rl.credit == "decisions":          # only where the sample could stop cleanly
         policy_w = O.decision_weights(weight, torch.cat(
             [credit.clean[i] | (torch.tensor(rollouts[i].completion_ids) == eos)
@@ -105,6 +111,12 @@ def loss_terms(ctx: StepContext, new, old, adv, weight, policy_w, rollouts, ids,
     or with the counterfactual stop credit, summed per sample. `scale` is this process's
     weight times the process count (the processes' gradients are averaged)."""
     cfg, device = ctx.cfg, ctx.acc.device
+    if cfg.rl.advantage == "best_of_n_stop":  # 3c. the best-of-N samples' stop decisions
+        stopped = torch.cat([torch.tensor(rollouts[i].completion_ids) == ctx.eos
+                             for i in ids]).to(device)
+        nll = O.stop_decision_loss(new.stop, stopped)
+        _, ratio, clipped = O.clipped_policy_loss(new.tokens, old, adv, cfg.rl.clip_eps)
+        return LossTerms(nll * policy_w, nll, ratio, clipped, weight)
     if credit is None:       # 3a. clipped policy loss
         pl, ratio, clipped = O.clipped_policy_loss(new.tokens, old, adv, cfg.rl.clip_eps)
         return LossTerms(pl * weight, pl, ratio, clipped, weight)
@@ -143,8 +155,9 @@ def micro_pass(ctx: StepContext, rollouts, mb, offset: int, share: float, inputs
         policy_w = inputs.policy_w[rows].to(acc.device) * scale
         # 2. log-probs of the sampled tokens under the current policy (and the reference)
         with acc.autocast():
+            wants_stop = credit is not None or cfg.rl.advantage == "best_of_n_stop"
             new = policy_logprobs(ctx.model, rollouts, mb.groups, ctx.pad_id, acc.device,
-                                  ctx.share_prompt, ctx.eos if credit is not None else None,
+                                  ctx.share_prompt, ctx.eos if wants_stop else None,
                                   cfg.fast, cfg.rl.prompt_grad)
         ref = reference_logprobs(ctx, rollouts, mb.groups, ids, old)
         terms = loss_terms(ctx, new, old, adv, weight, policy_w, rollouts, ids, reward, credit,

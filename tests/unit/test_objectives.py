@@ -256,3 +256,29 @@ def test_chunked_logprobs_equal_the_plain_ops(dtype, stop):
     assert got["fused"][1].dtype == dtype
     ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -23
     torch.testing.assert_close(got["fused"][1], got["plain"][1], rtol=ulp, atol=1e-9)
+
+
+def test_group_best_of_n_weights_by_rank_within_each_group():
+    reward = torch.tensor([0.5, 0.9, 0.1, 0.7, 3.0, 1.0, 1.0])
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    w = O.group_best_of_n_weights(reward, group, 2)
+    # group 0 (4 samples) ranks 0.1 < 0.5 < 0.7 < 0.9: C(i, 1) / C(4, 2) = 0, 1, 2, 3 / 6
+    torch.testing.assert_close(w[:4], torch.tensor([1 / 6, 3 / 6, 0.0, 2 / 6]))
+    # group 1 (3 samples): the tie 1.0 = 1.0 goes to the earlier sample: ranks 2, 1, 0
+    torch.testing.assert_close(w[4:], torch.tensor([2 / 3, 1 / 3, 0.0]))
+    # n larger than a group: its best alone
+    torch.testing.assert_close(O.group_best_of_n_weights(reward, group, 9)[4:],
+                               torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_stop_decision_loss_trains_only_the_stop_probability():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]], requires_grad=True)  # stop = 2
+    logp = torch.log_softmax(logits, -1)
+    stopped = torch.tensor([False, True])
+    loss = O.stop_decision_loss(logp[:, 2], stopped)
+    p = logp[:, 2].exp().detach()
+    torch.testing.assert_close(loss.detach(), torch.stack([-torch.log(1 - p[0]), -torch.log(p[1])]))
+    loss.sum().backward()
+    # going on: the gradient lowers the stop logit and keeps the other tokens' odds
+    g = logits.grad[0]
+    assert g[2] > 0 and g[0] == pytest.approx(g[1] * math.exp(2.0), rel=1e-5)
