@@ -122,6 +122,17 @@ VARIANTS = {
         "go on elsewhere), beta 1 on the KL per summary",
         _ONLINE + ("rl.advantage=best_of_n_stop", "rl.best_of_n=4", "rl.loss_agg=summary",
                    "rl.kl_control=fixed", "rl.beta=1.0")),
+    "bon-stop-hot": Variant(
+        "bon-stop distilling best-of-8 at lr 1e-2 -> 1e-3 with beta 0.1 on the KL per "
+        "summary (bon-stop moved the policy 0.11 nats and the spread not at all)",
+        _ONLINE + ("rl.advantage=best_of_n_stop", "rl.best_of_n=8", "rl.loss_agg=summary",
+                   "rl.kl_control=fixed", "rl.beta=0.1", "rl.max_lr=1e-2", "rl.min_lr=1e-3")),
+    "stop-end-summary": Variant(
+        "the counterfactual stop credit alone, counted at clean stops, -1 for an abrupt "
+        "ending, lr 3e-3, beta 0.3 on the KL per summary",
+        _ONLINE + ("rl.advantage=stop", "rl.loss_agg=summary", "rl.kl_control=fixed",
+                   "rl.beta=0.3",
+                   "rl.max_lr=3e-3", "rl.min_lr=3e-4")),
     "raft": Variant(
         "best-of-8 distillation (RAFT / ReST-EM): each round, each prompt's best sample by "
         "the reward, its likelihood raised (advantage 1, PPO-clipped), summed per summary, "

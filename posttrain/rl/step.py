@@ -136,7 +136,8 @@ def loss_terms(ctx: StepContext, new, old, adv, weight, policy_w, rollouts, ids,
     # the stop credit alone
     pl = O.stop_credit_loss(new.stop, r_stop, r_final, may_stop, old_stop, cfg.rl.clip_eps)
     _, ratio, clipped = O.clipped_policy_loss(new.tokens, old, adv, cfg.rl.clip_eps)
-    return LossTerms(pl * weight, pl, ratio, clipped, torch.full_like(weight, scale / n_tokens))
+    per = n_samples if cfg.rl.loss_agg == "summary" else n_tokens   # the KL's unit
+    return LossTerms(pl * weight, pl, ratio, clipped, torch.full_like(weight, scale / per))
 
 
 def micro_pass(ctx: StepContext, rollouts, mb, offset: int, share: float, inputs: StepInputs,
