@@ -133,6 +133,12 @@ VARIANTS = {
         _ONLINE + ("rl.advantage=stop", "rl.loss_agg=summary", "rl.kl_control=fixed",
                    "rl.beta=0.3",
                    "rl.max_lr=3e-3", "rl.min_lr=3e-4")),
+    "bon-hazard": Variant(
+        "every stop decision of every sample trained toward best-of-6 sampling's, computed "
+        "from the first round's SFT lengths and rewards (cross-entropy on p(EOS) alone), "
+        "lr 3e-3, beta 1 on the KL per summary",
+        _ONLINE + ("rl.advantage=best_of_n_hazard", "rl.best_of_n=6", "rl.loss_agg=summary",
+                   "rl.kl_control=fixed", "rl.beta=1.0", "rl.max_lr=3e-3", "rl.min_lr=3e-4")),
     "raft": Variant(
         "best-of-8 distillation (RAFT / ReST-EM): each round, each prompt's best sample by "
         "the reward, its likelihood raised (advantage 1, PPO-clipped), summed per summary, "

@@ -276,6 +276,43 @@ def stop_decision_loss(logp_stop: torch.Tensor, stopped: torch.Tensor) -> torch.
     return -torch.where(stopped, logp_stop, log_go)
 
 
+def best_of_n_hazard(stop_reward: torch.Tensor, prefix_length: torch.Tensor,
+                     ref_reward: torch.Tensor, ref_length: torch.Tensor, n: int) -> torch.Tensor:
+    """The log-odds that best-of-n sampling adds to stopping at each position.
+
+    Best-of-n of a reference policy is pi_ref(y) * F(r(y))^(n-1) / Z (F: the reward's CDF
+    under pi_ref), so at every prefix its next-token policy is pi_ref times V(after) /
+    V(before), V(prefix) = E_ref[F(r)^(n-1) | prefix]. Stopping ends the sample: V =
+    F(r_stop)^(n-1). Going on is valued by the reference's own samples that ran longer than
+    the prefix, V_go = mean over ref_length > prefix_length of F(ref_reward)^(n-1) (the
+    reward depends on the length alone, and the remaining length is taken from the
+    reference's lengths: a model of the continuation that needs no sampling). The stop
+    log-odds under best-of-n are then the reference's plus log F(r_stop)^(n-1) - log V_go.
+    A prefix longer than every reference sample goes on at the worst reference reward.
+
+    stop_reward, prefix_length: (T,); ref_reward, ref_length: (M,) -> (T,)"""
+    f = empirical_cdf(ref_reward, ref_reward).double() ** (n - 1)                  # (M,)
+    longer = ref_length.double()[None, :] > prefix_length.double()[:, None]         # (T, M)
+    go = (longer * f[None, :]).sum(-1) / longer.sum(-1).clamp(min=1)             # (T,)
+    go = torch.where(longer.any(-1), go, f.min().expand_as(go))
+    stop = empirical_cdf(stop_reward, ref_reward).double() ** (n - 1)               # (T,)
+    return (torch.log(stop) - torch.log(go)).to(stop_reward.dtype)
+
+
+def hazard_loss(logp_stop: torch.Tensor, ref_logp_stop: torch.Tensor,
+                shift: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the policy's stop decision against a target stop probability q whose
+    log-odds are the reference's plus `shift`: -[q log p + (1 - q) log(1 - p)], p the
+    policy's stop probability. Only p(EOS) is trained (going on scales every other token
+    alike), and the target is computed, not sampled: every position of every sample teaches
+    the stop decision without noise. Minimal (0 gradient) at p = q.
+    logp_stop, ref_logp_stop, shift: (N,) -> (N,)"""
+    ref = ref_logp_stop.clamp(max=-1e-6)
+    q = torch.sigmoid(ref - torch.log(-torch.expm1(ref)) + shift).detach()          # (N,)
+    log_go = torch.log(-torch.expm1(logp_stop.clamp(max=-1e-6)))
+    return -(q * logp_stop + (1 - q) * log_go)
+
+
 def best_of_n_kl(n: int) -> float:
     """The KL of best-of-n sampling from a policy: log n - (n - 1) / n (0.432 for n = 3)."""
     if n < 1:

@@ -124,7 +124,10 @@ class RLAdvantage:
     sampling (N = rl.best_of_n) from each prompt group: every sample is weighted by its
     chance to be the best of N of its group's samples (0 for an abrupt ending) and only its
     stop decisions are trained (stop where it stopped, go on everywhere else: p(EOS) moves,
-    the words keep their odds). `group_stop`: both `group` on every token and `stop`
+    the words keep their odds). `best_of_n_hazard`: train the stop decision at every position
+    of every sample toward best-of-N sampling's, computed (`objectives.best_of_n_hazard`:
+    the SFT's stop log-odds plus log F(r_stop)^(N-1) - log E[F(r)^(N-1) | going on], from the
+    SFT samples' lengths and rewards), by cross-entropy on p(EOS) alone. `group_stop`: both `group` on every token and `stop`
     (scaled by `stop_weight`) in one loss. With reward.ending set, the stop credit counts
     only positions where stopping would end cleanly (stopping mid-sentence has no
     counterfactual: the group term punishes it)."""
@@ -157,7 +160,8 @@ class RLAdvantage:
 
     def _check_advantage(self) -> None:
         _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "group_stop",
-                                                  "best_of_n", "best_of_n_stop"))
+                                                  "best_of_n", "best_of_n_stop",
+                                                  "best_of_n_hazard"))
         _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
         _choice(self.baseline, "rl.baseline", ("group", "step"))
         _choice(self.credit, "rl.credit", ("all", "decisions"))

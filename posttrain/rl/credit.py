@@ -37,22 +37,39 @@ def abrupt_flags(rollouts: list[Rollout]) -> list[bool]:
 
 def step_rewards(rollouts: list[Rollout], set_lengths, tokenizer, cfg: Config):
     """Rewards (S,) of the samples (with reward.ending: the penalty for abrupt endings), and
-    with rl.advantage=stop or group_stop the StopCredit of every position (else None)."""
+    with rl.advantage=stop, group_stop or best_of_n_hazard the StopCredit of every position
+    (else None)."""
     targets = [r.target for r in rollouts]
     if any(t is None for t in targets):
         targets = None   # plain prompts: the reward's own centre
     reward = rewards.compute([r.length(cfg.reward.unit) for r in rollouts], set_lengths,
                              cfg.reward, targets, abrupt_flags(rollouts))
-    if cfg.rl.advantage not in ("stop", "group_stop"):
+    if cfg.rl.advantage not in ("stop", "group_stop", "best_of_n_hazard"):
         return reward, None
     texts = prefix_texts(rollouts, tokenizer)
-    stop_reward, clean = [], []
+    stop_reward, clean, lengths = [], [], []
     for k, p in enumerate(prefix_lengths(rollouts, tokenizer, cfg.reward.unit, texts)):
         stop_reward.append(rewards.compute(p, set_lengths, cfg.reward,
                                            None if targets is None else [targets[k]] * len(p)))
         clean.append(torch.tensor([not is_abrupt(t, False) for t in texts[k]], dtype=torch.bool))
+        lengths.append(torch.tensor(p, dtype=torch.float32))
     counted = clean if cfg.reward.ending is not None else [torch.ones_like(c) for c in clean]
-    return reward, StopCredit(stop_reward, clean, counted)
+    return reward, StopCredit(stop_reward, clean, counted, lengths)
+
+
+def hazard_credit(credit: StopCredit, ref_lengths, ref_rewards, cfg: Config) -> StopCredit:
+    """The credit with, at every position, the log-odds best-of-N sampling of the SFT policy
+    (N = rl.best_of_n) adds to stopping there (`objectives.best_of_n_hazard`): from the SFT
+    samples' lengths and rewards; with reward.ending set, stopping mid-sentence is worth
+    the penalty."""
+    ref_r = torch.as_tensor(ref_rewards, dtype=torch.float32)
+    ref_l = torch.as_tensor(ref_lengths, dtype=torch.float32)
+    hazard = []
+    for r, c, n in zip(credit.reward, credit.clean, credit.length):
+        if cfg.reward.ending is not None:
+            r = torch.where(c, r, torch.tensor(float(cfg.reward.ending)))
+        hazard.append(O.best_of_n_hazard(r, n, ref_r, ref_l, cfg.rl.best_of_n))
+    return credit._replace(hazard=hazard)
 
 
 def bond_shaped(reward: torch.Tensor, credit: Optional[StopCredit], reference: torch.Tensor,
@@ -88,7 +105,7 @@ def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Te
         adv = O.group_advantages(reward, group, cfg.rl.group_std)[token_seq]
     elif cfg.rl.advantage == "best_of_n":  # every kept sample is its group's best: A = 1
         adv = torch.ones(token_seq.shape)
-    elif cfg.rl.advantage == "best_of_n_stop":  # no advantage: the step weighs the samples
+    elif cfg.rl.advantage in ("best_of_n_stop", "best_of_n_hazard"):  # no advantage
         adv = torch.zeros(token_seq.shape)
     else:  # seed (stop uses it for the ratio and clip metrics only)
         adv = O.per_token_advantages(reward, token_seq, cfg.rl.adv_clamp)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from posttrain.config import Config
-from posttrain.rl.credit import bond_shaped, step_rewards
+from posttrain.rl.credit import bond_shaped, hazard_credit, step_rewards
 from posttrain.rl.plan import best_of_groups, step_plan
 from posttrain.rl.trainer import Trainer
 from posttrain.rollout.store import load_set
@@ -17,6 +17,8 @@ def run_offline(cfg: Config, acc, dtype, tokenizer) -> dict:
     if cfg.rl.advantage == "best_of_n":  # train on the best sample of each prompt group only
         rollouts, reward = best_of_groups(rollouts, reward)
     reward, credit = bond_shaped(reward, credit, reference, [r.group for r in rollouts], cfg)
+    if cfg.rl.advantage == "best_of_n_hazard":  # the SFT's best-of-N stop decisions
+        credit = hazard_credit(credit, set_lengths, reference, cfg)
     plan = step_plan(rollouts, cfg, world=acc.num_processes)
     if cfg.rl.max_steps > 0:
         plan = plan[:cfg.rl.max_steps]

@@ -22,7 +22,7 @@ from posttrain import seeds
 from posttrain.config import Config
 from posttrain.lengths import spread
 from posttrain.model.adapters import sampler
-from posttrain.rl.credit import abrupt_flags, bond_shaped, step_rewards
+from posttrain.rl.credit import abrupt_flags, bond_shaped, hazard_credit, step_rewards
 from posttrain.rl.plan import best_of_groups, step_plan, steps_per_round
 from posttrain.rl.trainer import Trainer
 from posttrain.rollout import collect as C
@@ -86,6 +86,8 @@ def _round(trainer: Trainer, cfg: Config, tokenizer, texts, prompts, it: int, to
         rollouts, reward = best_of_groups(rollouts, reward)
     reward, credit = bond_shaped(reward, credit, torch.tensor(extra["reference_rewards"]),
                                  [r.group for r in rollouts], cfg)
+    if cfg.rl.advantage == "best_of_n_hazard":  # the SFT's best-of-N stop decisions
+        credit = hazard_credit(credit, extra["reward_lengths"], extra["reference_rewards"], cfg)
     # 3. PPO epochs over the round's samples; the reference log-probs kept after the first
     plan = step_plan(rollouts, cfg, epochs=cfg.rl.ppo_epochs,
                      seed=seeds.round_plan(cfg.seed, it), world=acc.num_processes)

@@ -24,7 +24,7 @@ from posttrain.rl.credit import abrupt_flags, step_advantages
 from posttrain.rl.plan import lengths_of
 from posttrain.train import dist
 from posttrain.train.loop import TrainingError
-from posttrain.types import LossTerms, Rollout, Step, StopCredit
+from posttrain.types import LogProbs, LossTerms, Rollout, Step, StopCredit
 
 
 class StepInputs(NamedTuple):
@@ -80,23 +80,32 @@ class StepContext(NamedTuple):
         return DeviceChoices(self.cfg, self.acc.device).share_prompt
 
 
-def reference_logprobs(ctx: StepContext, rollouts, groups, ids, old) -> torch.Tensor:
-    """The KL reference's log-probs (N,): the recorded ones (offline), a later PPO epoch's
-    cached ones (online), or one no-grad forward with the RL adapter off."""
+def reference_logprobs(ctx: StepContext, rollouts, groups, ids, old,
+                       stop_id: Optional[int] = None) -> LogProbs:
+    """The KL reference's log-probs (N,) (and with `stop_id` its stop log-probs (N,)): the
+    recorded ones (offline), a later PPO epoch's cached ones (online), or one no-grad
+    forward with the RL adapter off."""
     acc, cfg, online = ctx.acc, ctx.cfg, ctx.ref_cache is not None
     forward_ref = online or ctx.reference is not None or not cfg.fast.recorded_reference
     if online and all(i in ctx.ref_cache for i in ids):   # a later PPO epoch of the round
-        return torch.cat([ctx.ref_cache[i] for i in ids]).to(acc.device)
+        parts = [ctx.ref_cache[i] for i in ids]
+        return LogProbs(torch.cat([p.tokens for p in parts]).to(acc.device),
+                        None if stop_id is None else
+                        torch.cat([p.stop for p in parts]).to(acc.device))
     if not forward_ref:
-        return old
+        return LogProbs(old, None if stop_id is None else
+                        _on(acc.device, [x for i in ids for x in rollouts[i].stop_logprobs]))
     with (torch.no_grad(), acc.autocast(),
           contextlib.nullcontext(ctx.reference) if ctx.reference is not None
           else sft_only(acc.unwrap_model(ctx.model)) as ref_model):
         ref = policy_logprobs(ref_model, rollouts, groups, ctx.pad_id, acc.device,
-                              ctx.share_prompt, fast=cfg.fast).tokens.float()
+                              ctx.share_prompt, stop_id, fast=cfg.fast)
+    ref = LogProbs(ref.tokens.float(), None if ref.stop is None else ref.stop.float())
     if online:  # kept for the round's later PPO epochs
-        for i, part in zip(ids, ref.split(lengths_of(rollouts, ids).tolist())):
-            ctx.ref_cache[i] = part
+        sizes = lengths_of(rollouts, ids).tolist()
+        stops = ref.stop.split(sizes) if ref.stop is not None else [None] * len(ids)
+        for i, part, stop in zip(ids, ref.tokens.split(sizes), stops):
+            ctx.ref_cache[i] = LogProbs(part, stop)
     return ref
 
 
@@ -104,13 +113,18 @@ def _on(device, values) -> torch.Tensor:
     return torch.tensor(values, device=device)
 
 
-def loss_terms(ctx: StepContext, new, old, adv, weight, policy_w, rollouts, ids, reward,
+def loss_terms(ctx: StepContext, new, old, ref, adv, weight, policy_w, rollouts, ids, reward,
                credit: Optional[StopCredit], scale: float, n_samples: int,
                n_tokens: int) -> LossTerms:
     """3. the policy objective of one micro-batch: clipped, averaged per token or sample;
     or with the counterfactual stop credit, summed per sample. `scale` is this process's
     weight times the process count (the processes' gradients are averaged)."""
     cfg, device = ctx.cfg, ctx.acc.device
+    if cfg.rl.advantage == "best_of_n_hazard":  # 3d. every stop decision toward best-of-N's
+        shift = torch.cat([credit.hazard[i] for i in ids]).to(device)
+        ce = O.hazard_loss(new.stop, ref.stop, shift)
+        _, ratio, clipped = O.clipped_policy_loss(new.tokens, old, adv, cfg.rl.clip_eps)
+        return LossTerms(ce * weight, ce, ratio, clipped, weight)
     if cfg.rl.advantage == "best_of_n_stop":  # 3c. the best-of-N samples' stop decisions
         stopped = torch.cat([torch.tensor(rollouts[i].completion_ids) == ctx.eos
                              for i in ids]).to(device)
@@ -157,19 +171,21 @@ def micro_pass(ctx: StepContext, rollouts, mb, offset: int, share: float, inputs
         # 2. log-probs of the sampled tokens under the current policy (and the reference)
         with acc.autocast():
             wants_stop = credit is not None or cfg.rl.advantage == "best_of_n_stop"
+            hazard = cfg.rl.advantage == "best_of_n_hazard"
             new = policy_logprobs(ctx.model, rollouts, mb.groups, ctx.pad_id, acc.device,
                                   ctx.share_prompt, ctx.eos if wants_stop else None,
                                   cfg.fast, cfg.rl.prompt_grad)
-        ref = reference_logprobs(ctx, rollouts, mb.groups, ids, old)
-        terms = loss_terms(ctx, new, old, adv, weight, policy_w, rollouts, ids, reward, credit,
-                           scale, len(inputs.lengths), n_tokens)
+        ref = reference_logprobs(ctx, rollouts, mb.groups, ids, old,
+                                 ctx.eos if hazard else None)
+        terms = loss_terms(ctx, new, old, ref, adv, weight, policy_w, rollouts, ids, reward,
+                           credit, scale, len(inputs.lengths), n_tokens)
         # 4. + beta * k3 KL to the SFT policy
-        kl = O.kl_k3(new.tokens, ref)
+        kl = O.kl_k3(new.tokens, ref.tokens)
         loss = terms.objective.sum() + ctx.beta * (kl * terms.kl_weight).sum()
         if not dist.all_finite(acc, loss):
             raise TrainingError("rl: non-finite loss")
         acc.backward(loss)
-    return loss, terms, new.tokens, ref, kl
+    return loss, terms, new.tokens, ref.tokens, kl
 
 
 def _reduce(acc, sums: dict, total_loss: float, ratio_max: float) -> tuple:

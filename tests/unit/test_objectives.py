@@ -282,3 +282,36 @@ def test_stop_decision_loss_trains_only_the_stop_probability():
     # going on: the gradient lowers the stop logit and keeps the other tokens' odds
     g = logits.grad[0]
     assert g[2] > 0 and g[0] == pytest.approx(g[1] * math.exp(2.0), rel=1e-5)
+
+
+def test_best_of_n_hazard_by_hand():
+    # the reference: lengths 10, 20, 30 with rewards 0, 1, 0 (the middle length is best)
+    ref_r, ref_l = torch.tensor([0.0, 1.0, 0.0]), torch.tensor([10.0, 20.0, 30.0])
+    # F of the reference rewards (ties half): 0 -> (0 + 1 + .5) / 4, 1 -> (2 + .5 + .5) / 4
+    f_lo, f_hi = 1.5 / 4, 3.0 / 4
+    n = 3
+    stop_r = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    prefix = torch.tensor([5.0, 20.0, 25.0, 40.0])
+    shift = O.best_of_n_hazard(stop_r, prefix, ref_r, ref_l, n)
+    go = torch.tensor([(f_lo ** 2 + f_hi ** 2 + f_lo ** 2) / 3,    # longer than 5: all three
+                       f_lo ** 2,                                 # longer than 20: only 30
+                       f_lo ** 2,
+                       f_lo ** 2])                                # past them all: the worst
+    stop = torch.tensor([f_lo, f_hi, f_lo, f_lo]) ** 2
+    torch.testing.assert_close(shift, torch.log(stop / go))
+    assert shift[0] < 0 < shift[1]       # too short: go on; at the best length: stop
+    # best-of-1 is the reference: no shift
+    assert torch.all(O.best_of_n_hazard(stop_r, prefix, ref_r, ref_l, 1).abs() < 1e-6)
+
+
+def test_hazard_loss_targets_the_shifted_stop_probability():
+    ref = torch.log(torch.tensor([0.2, 0.5]))
+    shift = torch.tensor([math.log(3.0), 0.0])
+    # target odds: 0.25 * 3 = 0.75 -> q = 3/7; and 0.5
+    q = torch.tensor([3 / 7, 0.5])
+    logp = torch.log(q).requires_grad_()
+    O.hazard_loss(logp, ref, shift).sum().backward()
+    torch.testing.assert_close(logp.grad, torch.zeros(2), atol=1e-6, rtol=0)   # p = q: minimal
+    low = torch.log(torch.tensor([0.1, 0.1])).requires_grad_()
+    O.hazard_loss(low, ref, shift).sum().backward()
+    assert torch.all(low.grad < 0)       # below the target: descent raises p(stop)

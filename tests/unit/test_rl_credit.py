@@ -67,7 +67,7 @@ def test_bond_maps_rewards_and_stop_credit_through_the_reference_cdf(run_cfg):
     groups = [7, 7, 9, 9]
     reference = torch.tensor([0.0, 0.4, 0.8])          # the SFT policy's rewards
     stop = StopCredit([torch.tensor([0.1, 0.9])] * 4, [torch.ones(2, dtype=torch.bool)] * 4,
-                      [torch.ones(2, dtype=torch.bool)] * 4)
+                      [torch.ones(2, dtype=torch.bool)] * 4, [torch.tensor([3.0, 9.0])] * 4)
     off, same = credit.bond_shaped(reward, stop, reference, groups, run_cfg())
     assert off is reward and same is stop                # rl.bond=none: untouched
     cfg = run_cfg("rl.bond=set", "rl.best_of_n=4")
