@@ -139,6 +139,10 @@ VARIANTS = {
         "lr 3e-3, beta 1 on the KL per summary",
         _ONLINE + ("rl.advantage=best_of_n_hazard", "rl.best_of_n=6", "rl.loss_agg=summary",
                    "rl.kl_control=fixed", "rl.beta=1.0", "rl.max_lr=3e-3", "rl.min_lr=3e-4")),
+    "bon-hazard-lr1e-3": Variant(
+        "bon-hazard at lr 1e-3 -> 1e-4 (at 3e-3 the round means swung 153 -> 65 -> 201)",
+        _ONLINE + ("rl.advantage=best_of_n_hazard", "rl.best_of_n=6", "rl.loss_agg=summary",
+                   "rl.kl_control=fixed", "rl.beta=1.0")),
     "raft": Variant(
         "best-of-8 distillation (RAFT / ReST-EM): each round, each prompt's best sample by "
         "the reward, its likelihood raised (advantage 1, PPO-clipped), summed per summary, "
