@@ -1,7 +1,7 @@
 """RL recipes side by side: named variants x seeds, judged on prompts the report never uses.
 
     python bench/rl_recipes.py [--config demo] [--variants a,b] [--seeds 42,1,2]
-                               [--out runs/recipes] [--eval-prompts 48 --eval-samples 5]
+                               [--out runs/recipes] [--eval-prompts 48 --eval-samples 8]
                                [key=value ...]
 
 Every variant starts from the SFT adapter of its seed (`<out>/sft-s<seed>`, trained once
@@ -16,7 +16,10 @@ neither SFT nor RL read) - never the held-out prompts the README's report uses. 
 policy is sampled once per seed. Each (variant, seed) result is saved as it finishes
 (`<out>/results/<variant>-s<seed>.json`); a re-run skips finished ones. Prints per variant
 the SFT/RL variance ratio (mean and min-max over seeds), RL mean vs SFT, abrupt-ending
-rates, ROUGE-L, KL and wall time, and writes `<out>/table.md`.
+rates, ROUGE-L, the KL per token and per summary, the SFT best-of-N whose variance ratio
+the RL policy matches (from the SFT's own samples: the yardstick, with its KL bound), and
+wall time, and writes `<out>/table.md` with the SFT's best-of-N frontier beneath.
+Overrides given on the command line win over a variant's own keys.
 """
 from __future__ import annotations
 
