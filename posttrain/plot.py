@@ -180,6 +180,11 @@ def frontier_figure(report: dict, out: Path) -> Path:
                label=f"best-of-{budget['n']} budget")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    for axis in (ax.xaxis, ax.yaxis):     # plain numbers at 1, 2, 5 x 10^k on log axes
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("KL to SFT per summary (nats)")
     ax.set_ylabel("length variance ratio SFT / policy")
     ax.legend(fontsize=7)

@@ -158,7 +158,8 @@ def frontier_markdown(report: dict) -> str:
     budget = f["budget"]
     text = ("\nBest-of-N from each model's own samples: per prompt the sample with the highest "
             "reward, averaged over every N-subset of its samples; KL bound log N - (N-1)/N nats "
-            "per summary; ratio: SFT's variance over the selection's.\n\n"
+            "per summary (of the selection from that model: for RL, on top of RL's own KL); "
+            "ratio: SFT's variance over the selection's.\n\n"
             "| model | N | KL bound / summary | mean | var | SFT/BoN ratio | abrupt | ROUGE-L |\n"
             "|---|---|---|---|---|---|---|---|\n")
     for model, rows in f["tables"].items():
