@@ -104,6 +104,10 @@ VARIANTS = {
         "beta 1 on the KL per summary",
         _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
                    "rl.loss_agg=summary", "rl.kl_control=fixed", "rl.beta=1.0")),
+    "demo-summary-kl-b0.1": Variant(
+        "demo-summary-kl with beta 0.1 on the KL per summary",
+        _ONLINE + ("rl.advantage=group_stop", "rl.stop_weight=1.0", "rl.baseline=step",
+                   "rl.loss_agg=summary", "rl.kl_control=fixed", "rl.beta=0.1")),
     "bond-set": Variant(
         "BOND: reward (N-1) log F(r), N = 4, F of the first round's SFT rewards as a whole, "
         "group advantages summed per summary, beta 1 on the KL per summary",
