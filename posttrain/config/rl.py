@@ -127,10 +127,10 @@ class RLAdvantage:
     the words keep their odds). `best_of_n_hazard`: train the stop decision at every position
     of every sample toward best-of-N sampling's, computed (`objectives.best_of_n_hazard`:
     the SFT's stop log-odds plus log F(r_stop)^(N-1) - log E[F(r)^(N-1) | going on], from the
-    SFT samples' lengths and rewards), by cross-entropy on p(EOS) alone. `group_stop`: both `group` on every token and `stop`
-    (scaled by `stop_weight`) in one loss. With reward.ending set, the stop credit counts
-    only positions where stopping would end cleanly (stopping mid-sentence has no
-    counterfactual: the group term punishes it)."""
+    SFT samples' lengths and rewards), by cross-entropy on p(EOS) alone. `group_stop`: both
+    `group` on every token and `stop` (scaled by `stop_weight`) in one loss. With
+    reward.ending set, the stop credit counts only positions where stopping would end
+    cleanly (stopping mid-sentence has no counterfactual: the group term punishes it)."""
     group_std: bool = False
     """With advantage=group or group_stop: divide by the group's reward std (GRPO) or not
     (Dr. GRPO)."""

@@ -3,9 +3,9 @@
 For every .py file under posttrain/ (subpackages included, found by walking the tree):
   a. no import cycle among the package's modules, counting module-level imports only;
   b. no import of a package module inside a function body, except in posttrain/cli.py;
-  c. every module at most 300 lines;
-  d. every function and method at most 50 lines, from its `def` line to its last line;
-  e. every line at most 100 characters.
+  c. every line at most 100 characters.
+(The 300-line module and 50-line function caps are retired: they split algorithms into
+shims; an algorithm on one screen is the aim, judged in review, not by a count.)
 
 Each check is a plain function taking the package folder (and the package name, which defaults
 to the folder's name), so the tests below first prove on a fake package that each check can
@@ -20,8 +20,6 @@ from collections import deque
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "posttrain"
-MODULE_LINES = 300
-FUNCTION_LINES = 50
 LINE_CHARS = 100
 LAZY_IMPORTS_ALLOWED = frozenset({"posttrain/cli.py"})   # lazy imports keep --help fast
 
@@ -248,44 +246,7 @@ def _by_place(entry: str):
     return file, int(line)
 
 
-# ---------------------------------------------------------------- c, d, e. sizes
-
-def long_modules(root: Path, limit: int = MODULE_LINES, package: str | None = None) -> list[str]:
-    """Modules over `limit` lines, as "file: N lines"."""
-    found = []
-    for path in modules(root, package).values():
-        count = len(path.read_text(encoding="utf-8").splitlines())
-        if count > limit:
-            found.append(f"{_rel(path, root)}: {count} lines")
-    return found
-
-
-def _qualified_functions(body, prefix=""):
-    for node in body:
-        if isinstance(node, (*_FUNCTIONS, ast.ClassDef)):
-            name = prefix + node.name
-            if isinstance(node, _FUNCTIONS):
-                yield name, node
-            yield from _qualified_functions(node.body, name + ".")
-        else:
-            for field in ("body", "orelse", "finalbody", "handlers", "cases"):
-                block = getattr(node, field, None)
-                if isinstance(block, list):
-                    yield from _qualified_functions(block, prefix)
-
-
-def long_functions(root: Path, limit: int = FUNCTION_LINES,
-                   package: str | None = None) -> list[str]:
-    """Functions and methods (nested ones on their own) over `limit` lines, counted from the
-    `def` line (decorators excluded) to the last line, as "file:line: name() N lines"."""
-    found = []
-    for path in modules(root, package).values():
-        for name, node in _qualified_functions(_parse(path).body):
-            count = node.end_lineno - node.lineno + 1
-            if count > limit:
-                found.append(f"{_rel(path, root)}:{node.lineno}: {name}() {count} lines")
-    return sorted(found, key=_by_place)
-
+# ---------------------------------------------------------------- c. line length
 
 def long_lines(root: Path, limit: int = LINE_CHARS, package: str | None = None) -> list[str]:
     """Lines over `limit` characters, as "file:line: N chars"."""
@@ -308,11 +269,6 @@ def _package(tmp_path: Path, files: dict[str, str], name: str = "pkg") -> Path:
     for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
         (folder / "__init__.py").touch()
     return root
-
-
-def _function(lines: int, name: str = "f") -> str:
-    """A function exactly `lines` lines long, with a decorator that must not count."""
-    return "@staticmethod\n" + f"def {name}():\n" + "    x = 1\n" * (lines - 2) + "    return x\n"
 
 
 def test_modules_are_found_in_subpackages_too(tmp_path):
@@ -409,24 +365,6 @@ def test_own_imports_inside_functions_are_flagged_others_are_not(tmp_path):
     assert "pkg/cli.py:2: from pkg import a (in main)" in inner_imports(root)
 
 
-def test_modules_over_the_limit_are_flagged(tmp_path):
-    root = _package(tmp_path, {"long.py": "x = 1\n" * 301, "ok.py": "x = 1\n" * 300})
-    assert long_modules(root, 300) == ["pkg/long.py: 301 lines"]
-
-
-def test_functions_over_the_limit_are_flagged_decorators_excluded(tmp_path):
-    nested = "class K:\n    def method(self):\n" + textwrap.indent(_function(51, "inner"), " " * 8)
-    root = _package(tmp_path, {
-        "f.py": _function(50, "fifty") + _function(51, "fifty_one"),
-        "g.py": "if True:\n" + textwrap.indent("async " + _function(51, "waits")[14:], "    "),
-        "h.py": nested})
-    assert long_functions(root, 50) == [
-        "pkg/f.py:53: fifty_one() 51 lines",
-        "pkg/g.py:2: waits() 51 lines",
-        "pkg/h.py:2: K.method() 53 lines",
-        "pkg/h.py:4: K.method.inner() 51 lines"]
-
-
 def test_lines_over_the_limit_are_flagged(tmp_path):
     root = _package(tmp_path, {"a.py": "x = 1\n" + "#" * 100 + "\n" + "#" * 101 + "\n"})
     assert long_lines(root, 100) == ["pkg/a.py:3: 101 chars"]
@@ -450,16 +388,6 @@ def test_posttrain_imports_its_own_modules_only_at_module_level():
     found = inner_imports(_real(), LAZY_IMPORTS_ALLOWED)
     assert not found, f"{len(found)} imports of posttrain inside functions (allowed only in " \
         f"{', '.join(sorted(LAZY_IMPORTS_ALLOWED))}):\n" + "\n".join(found)
-
-
-def test_posttrain_modules_are_at_most_300_lines():
-    found = long_modules(_real(), MODULE_LINES)
-    assert not found, f"{len(found)} modules over {MODULE_LINES} lines:\n" + "\n".join(found)
-
-
-def test_posttrain_functions_are_at_most_50_lines():
-    found = long_functions(_real(), FUNCTION_LINES)
-    assert not found, f"{len(found)} functions over {FUNCTION_LINES} lines:\n" + "\n".join(found)
 
 
 def test_posttrain_lines_are_at_most_100_chars():
