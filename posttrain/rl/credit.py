@@ -86,8 +86,11 @@ def bond_shaped(reward: torch.Tensor, credit: Optional[StopCredit], reference: t
 
     def ref_of(i: int) -> torch.Tensor:
         return reference if cfg.rl.bond == "set" else reward[members[groups[i]]]
-    shaped = torch.stack([O.bond_reward(reward[i:i + 1], ref_of(i), n)[0]
-                          for i in range(len(reward))])
+    if cfg.rl.bond == "set":      # one F for every sample
+        shaped = O.bond_reward(reward, reference, n)
+    else:
+        shaped = torch.stack([O.bond_reward(reward[i:i + 1], ref_of(i), n)[0]
+                              for i in range(len(reward))])
     if credit is not None:
         credit = credit._replace(reward=[O.bond_reward(r, ref_of(i), n)
                                          for i, r in enumerate(credit.reward)])

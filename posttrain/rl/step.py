@@ -169,9 +169,9 @@ def micro_pass(ctx: StepContext, rollouts, mb, offset: int, share: float, inputs
         weight = inputs.weight[rows].to(acc.device) * scale
         policy_w = inputs.policy_w[rows].to(acc.device) * scale
         # 2. log-probs of the sampled tokens under the current policy (and the reference)
+        hazard = cfg.rl.advantage == "best_of_n_hazard"
+        wants_stop = credit is not None or cfg.rl.advantage == "best_of_n_stop"
         with acc.autocast():
-            wants_stop = credit is not None or cfg.rl.advantage == "best_of_n_stop"
-            hazard = cfg.rl.advantage == "best_of_n_hazard"
             new = policy_logprobs(ctx.model, rollouts, mb.groups, ctx.pad_id, acc.device,
                                   ctx.share_prompt, ctx.eos if wants_stop else None,
                                   cfg.fast, cfg.rl.prompt_grad)
