@@ -150,6 +150,16 @@ VARIANTS = {
         "bon-hazard at lr 1e-3 -> 1e-4 (at 3e-3 the round means swung 153 -> 65 -> 201)",
         _ONLINE + ("rl.advantage=best_of_n_hazard", "rl.best_of_n=6", "rl.loss_agg=summary",
                    "rl.kl_control=fixed", "rl.beta=1.0")),
+    "bon-distill": Variant(
+        "on-policy distillation of best-of-8: at every position of every sample, the exact "
+        "KL(policy || teacher) over the vocabulary, the teacher the SFT policy with "
+        "best-of-8's stop log-odds (bon-hazard's shift), summed per summary, no KL term",
+        _ONLINE + ("rl.advantage=best_of_n_distill", "rl.best_of_n=8", "rl.loss_agg=summary",
+                   "rl.kl_control=fixed", "rl.beta=0")),
+    "bon-distill-lr3e-3": Variant(
+        "bon-distill at lr 3e-3 -> 3e-4",
+        _ONLINE + ("rl.advantage=best_of_n_distill", "rl.best_of_n=8", "rl.loss_agg=summary",
+                   "rl.kl_control=fixed", "rl.beta=0", "rl.max_lr=3e-3", "rl.min_lr=3e-4")),
     "raft": Variant(
         "best-of-8 distillation (RAFT / ReST-EM): each round, each prompt's best sample by "
         "the reward, its likelihood raised (advantage 1, PPO-clipped), summed per summary, "

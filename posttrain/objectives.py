@@ -313,6 +313,26 @@ def hazard_loss(logp_stop: torch.Tensor, ref_logp_stop: torch.Tensor,
     return -(q * logp_stop + (1 - q) * log_go)
 
 
+def teacher_logprobs(ref_logits: torch.Tensor, stop_id: int, shift: torch.Tensor) -> torch.Tensor:
+    """The teacher's next-token log-probs: the reference's with `shift` added to the stop
+    token's log-odds (every other token keeps its odds against the rest), i.e. best-of-N
+    sampling's next-token policy when `shift` is best_of_n_hazard's.
+    ref_logits: (N, V) any float; shift: (N,) -> (N, V) float32"""
+    logits = ref_logits.float().clone()
+    logits[:, stop_id] += shift
+    return torch.log_softmax(logits, -1)
+
+
+def reverse_kl(logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(pi || teacher) of each position's next-token distribution, exact over the
+    vocabulary (no sampled estimate): sum_v pi(v) (log pi(v) - log teacher(v)).
+    Summed over the positions an on-policy sample visits, it is the sample's share of the
+    sequence-level KL(pi || teacher) (on-policy distillation).
+    logits: (N, V) any float; teacher_logp: (N, V) -> (N,) float32"""
+    logp = torch.log_softmax(logits.float(), -1)
+    return (logp.exp() * (logp - teacher_logp)).sum(-1)
+
+
 def best_of_n_kl(n: int) -> float:
     """The KL of best-of-n sampling from a policy: log n - (n - 1) / n (0.432 for n = 3)."""
     if n < 1:

@@ -127,7 +127,12 @@ class RLAdvantage:
     the words keep their odds). `best_of_n_hazard`: train the stop decision at every position
     of every sample toward best-of-N sampling's, computed (`objectives.best_of_n_hazard`:
     the SFT's stop log-odds plus log F(r_stop)^(N-1) - log E[F(r)^(N-1) | going on], from the
-    SFT samples' lengths and rewards), by cross-entropy on p(EOS) alone. `group_stop`: both
+    SFT samples' lengths and rewards), by cross-entropy on p(EOS) alone. `best_of_n_distill`:
+    on-policy distillation of best-of-N sampling: at every position of every sample, the
+    exact KL(policy || teacher) over the whole vocabulary, the teacher being the SFT policy
+    with best_of_n_hazard's shift on its stop log-odds (so the words keep the SFT's odds and
+    the stops best-of-N's); its optimum is the best-of-N policy itself, so it wants no KL
+    term (rl.beta=0). `group_stop`: both
     `group` on every token and `stop` (scaled by `stop_weight`) in one loss. With
     reward.ending set, the stop credit counts only positions where stopping would end
     cleanly (stopping mid-sentence has no counterfactual: the group term punishes it)."""
@@ -161,7 +166,7 @@ class RLAdvantage:
     def _check_advantage(self) -> None:
         _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "group_stop",
                                                   "best_of_n", "best_of_n_stop",
-                                                  "best_of_n_hazard"))
+                                                  "best_of_n_hazard", "best_of_n_distill"))
         _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
         _choice(self.baseline, "rl.baseline", ("group", "step"))
         _choice(self.credit, "rl.credit", ("all", "decisions"))

@@ -37,14 +37,14 @@ def abrupt_flags(rollouts: list[Rollout]) -> list[bool]:
 
 def step_rewards(rollouts: list[Rollout], set_lengths, tokenizer, cfg: Config):
     """Rewards (S,) of the samples (with reward.ending: the penalty for abrupt endings), and
-    with rl.advantage=stop, group_stop or best_of_n_hazard the StopCredit of every position
+    with rl.advantage=stop, group_stop or best_of_n_hazard/_distill the StopCredit of every position
     (else None)."""
     targets = [r.target for r in rollouts]
     if any(t is None for t in targets):
         targets = None   # plain prompts: the reward's own centre
     reward = rewards.compute([r.length(cfg.reward.unit) for r in rollouts], set_lengths,
                              cfg.reward, targets, abrupt_flags(rollouts))
-    if cfg.rl.advantage not in ("stop", "group_stop", "best_of_n_hazard"):
+    if cfg.rl.advantage not in ("stop", "group_stop", "best_of_n_hazard", "best_of_n_distill"):
         return reward, None
     texts = prefix_texts(rollouts, tokenizer)
     stop_reward, clean, lengths = [], [], []
@@ -108,7 +108,7 @@ def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Te
         adv = O.group_advantages(reward, group, cfg.rl.group_std)[token_seq]
     elif cfg.rl.advantage == "best_of_n":  # every kept sample is its group's best: A = 1
         adv = torch.ones(token_seq.shape)
-    elif cfg.rl.advantage in ("best_of_n_stop", "best_of_n_hazard"):  # no advantage
+    elif cfg.rl.advantage in ("best_of_n_stop", "best_of_n_hazard", "best_of_n_distill"):
         adv = torch.zeros(token_seq.shape)
     else:  # seed (stop uses it for the ratio and clip metrics only)
         adv = O.per_token_advantages(reward, token_seq, cfg.rl.adv_clamp)

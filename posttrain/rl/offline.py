@@ -17,7 +17,7 @@ def run_offline(cfg: Config, acc, dtype, tokenizer) -> dict:
     if cfg.rl.advantage == "best_of_n":  # train on the best sample of each prompt group only
         rollouts, reward = best_of_groups(rollouts, reward)
     reward, credit = bond_shaped(reward, credit, reference, [r.group for r in rollouts], cfg)
-    if cfg.rl.advantage == "best_of_n_hazard":  # the SFT's best-of-N stop decisions
+    if cfg.rl.advantage in ("best_of_n_hazard", "best_of_n_distill"):  # best-of-N's stops
         credit = hazard_credit(credit, set_lengths, reference, cfg)
     plan = step_plan(rollouts, cfg, world=acc.num_processes)
     if cfg.rl.max_steps > 0:

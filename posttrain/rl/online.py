@@ -86,7 +86,7 @@ def _round(trainer: Trainer, cfg: Config, tokenizer, texts, prompts, it: int, to
         rollouts, reward = best_of_groups(rollouts, reward)
     reward, credit = bond_shaped(reward, credit, torch.tensor(extra["reference_rewards"]),
                                  [r.group for r in rollouts], cfg)
-    if cfg.rl.advantage == "best_of_n_hazard":  # the SFT's best-of-N stop decisions
+    if cfg.rl.advantage in ("best_of_n_hazard", "best_of_n_distill"):  # best-of-N's stops
         credit = hazard_credit(credit, extra["reward_lengths"], extra["reference_rewards"], cfg)
     # 3. PPO epochs over the round's samples; the reference log-probs kept after the first
     plan = step_plan(rollouts, cfg, epochs=cfg.rl.ppo_epochs,

@@ -19,7 +19,7 @@ from posttrain import objectives as O
 from posttrain.config import Config
 from posttrain.model.adapters import sft_only
 from posttrain.model.choices import DeviceChoices
-from posttrain.model.forward import policy_logprobs
+from posttrain.model.forward import policy_logits, policy_logprobs
 from posttrain.rl.credit import abrupt_flags, step_advantages
 from posttrain.rl.plan import lengths_of
 from posttrain.train import dist
@@ -109,6 +109,29 @@ def reference_logprobs(ctx: StepContext, rollouts, groups, ids, old,
     return ref
 
 
+def teacher_pass(ctx: StepContext, rollouts, groups, ids, credit: StopCredit) -> tuple:
+    """rl.advantage=best_of_n_distill: the reference's log-probs of the sampled tokens (N,)
+    and the teacher's next-token log-probs (N, V), the reference's with best-of-N's stop
+    shift (credit.hazard): one no-grad forward with the RL adapter off, kept for the
+    round's later PPO epochs (online)."""
+    acc, cache = ctx.acc, ctx.ref_cache
+    if cache is not None and all(i in cache for i in ids):
+        return (torch.cat([cache[i][0] for i in ids]).to(acc.device),
+                torch.cat([cache[i][1] for i in ids]).to(acc.device))
+    with torch.no_grad(), acc.autocast(), sft_only(acc.unwrap_model(ctx.model)) as ref_model:
+        logits = policy_logits(ref_model, rollouts, groups, ctx.pad_id, acc.device,
+                               ctx.share_prompt, ctx.cfg.fast)
+    targets = _on(acc.device, [t for i in ids for t in rollouts[i].completion_ids])
+    ref = O.gather_logprobs(logits, targets)
+    teacher = O.teacher_logprobs(logits, ctx.eos, torch.cat([credit.hazard[i] for i in ids])
+                                 .to(acc.device))
+    if cache is not None:
+        sizes = lengths_of(rollouts, ids).tolist()
+        for i, r, t in zip(ids, ref.split(sizes), teacher.split(sizes)):
+            cache[i] = (r, t)
+    return ref, teacher
+
+
 def _on(device, values) -> torch.Tensor:
     return torch.tensor(values, device=device)
 
@@ -168,17 +191,30 @@ def micro_pass(ctx: StepContext, rollouts, mb, offset: int, share: float, inputs
         adv = inputs.adv[rows].to(acc.device)
         weight = inputs.weight[rows].to(acc.device) * scale
         policy_w = inputs.policy_w[rows].to(acc.device) * scale
-        # 2. log-probs of the sampled tokens under the current policy (and the reference)
-        hazard = cfg.rl.advantage == "best_of_n_hazard"
-        wants_stop = credit is not None or cfg.rl.advantage == "best_of_n_stop"
-        with acc.autocast():
-            new = policy_logprobs(ctx.model, rollouts, mb.groups, ctx.pad_id, acc.device,
-                                  ctx.share_prompt, ctx.eos if wants_stop else None,
-                                  cfg.fast, cfg.rl.prompt_grad)
-        ref = reference_logprobs(ctx, rollouts, mb.groups, ids, old,
-                                 ctx.eos if hazard else None)
-        terms = loss_terms(ctx, new, old, ref, adv, weight, policy_w, rollouts, ids, reward,
-                           credit, scale, len(inputs.lengths), n_tokens)
+        if cfg.rl.advantage == "best_of_n_distill":
+            # 2-3. the whole next-token distributions: KL(policy || teacher) at every token
+            with acc.autocast():
+                logits = policy_logits(ctx.model, rollouts, mb.groups, ctx.pad_id, acc.device,
+                                       ctx.share_prompt, cfg.fast, cfg.rl.prompt_grad)
+            targets = _on(acc.device, [t for i in ids for t in rollouts[i].completion_ids])
+            new = LogProbs(O.gather_logprobs(logits, targets), None)
+            ref_tokens, teacher = teacher_pass(ctx, rollouts, mb.groups, ids, credit)
+            ref = LogProbs(ref_tokens, None)
+            per_token = O.reverse_kl(logits, teacher)
+            _, ratio, clipped = O.clipped_policy_loss(new.tokens, old, adv, cfg.rl.clip_eps)
+            terms = LossTerms(per_token * weight, per_token, ratio, clipped, weight)
+        else:
+            # 2. log-probs of the sampled tokens under the current policy (and the reference)
+            hazard = cfg.rl.advantage == "best_of_n_hazard"
+            wants_stop = credit is not None or cfg.rl.advantage == "best_of_n_stop"
+            with acc.autocast():
+                new = policy_logprobs(ctx.model, rollouts, mb.groups, ctx.pad_id, acc.device,
+                                      ctx.share_prompt, ctx.eos if wants_stop else None,
+                                      cfg.fast, cfg.rl.prompt_grad)
+            ref = reference_logprobs(ctx, rollouts, mb.groups, ids, old,
+                                     ctx.eos if hazard else None)
+            terms = loss_terms(ctx, new, old, ref, adv, weight, policy_w, rollouts, ids,
+                               reward, credit, scale, len(inputs.lengths), n_tokens)
         # 4. + beta * k3 KL to the SFT policy
         kl = O.kl_k3(new.tokens, ref.tokens)
         loss = terms.objective.sum() + ctx.beta * (kl * terms.kl_weight).sum()
