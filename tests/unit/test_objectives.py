@@ -315,3 +315,24 @@ def test_hazard_loss_targets_the_shifted_stop_probability():
     low = torch.log(torch.tensor([0.1, 0.1])).requires_grad_()
     O.hazard_loss(low, ref, shift).sum().backward()
     assert torch.all(low.grad < 0)       # below the target: descent raises p(stop)
+
+
+def test_teacher_logprobs_shift_only_the_stop_odds():
+    # reference over 3 tokens (stop = 2): probs 0.5, 0.3, 0.2; stop odds 0.25 -> x3 = 0.75
+    ref_logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])) + 7.0   # any offset
+    teacher = O.teacher_logprobs(ref_logits, 2, torch.tensor([math.log(3.0)])).exp()[0]
+    # p(stop) = 0.75 / 1.75 = 3/7; the others keep 5:3 in the remaining 4/7
+    torch.testing.assert_close(teacher, torch.tensor([4 / 7 * 5 / 8, 4 / 7 * 3 / 8, 3 / 7]))
+    assert ref_logits[0, 2] == pytest.approx(math.log(0.2) + 7.0)   # the input is untouched
+
+
+def test_reverse_kl_by_hand_and_its_minimum():
+    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.25, 0.5])
+    by_hand = 0.5 * math.log(2) + 0.25 * math.log(0.5)
+    got = O.reverse_kl(torch.log(p)[None], torch.log(q)[None])
+    assert got.item() == pytest.approx(by_hand, abs=1e-6)
+    logits = torch.log(q)[None].clone().requires_grad_()     # policy = teacher: KL 0, flat
+    kl = O.reverse_kl(logits, torch.log(q)[None])
+    kl.sum().backward()
+    assert kl.item() == pytest.approx(0.0, abs=1e-7)
+    torch.testing.assert_close(logits.grad, torch.zeros(1, 3), atol=1e-6, rtol=0)
