@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 
 from posttrain import __version__
 from posttrain.config import (BUNDLED, DEFAULTS, ConfigError, bundled_configs, describe,
                               load_config, to_yaml)
 from posttrain.io import InputFileError
+from posttrain.lock import command_line, out_dir_lock
 from posttrain.stages import RUN_HELP, STAGES
 
 LAUNCH_FILES = ("ddp", "fsdp", "deepspeed-zero2")
@@ -106,11 +108,13 @@ def main(argv=None) -> int:
             return 0
         from posttrain import pipeline  # lazy: loads torch (see above)
         pipeline.check_out_dir(cfg)
-        pipeline.check_hub_sources(cfg, args.stage)
-        if args.stage == "run":
-            pipeline.run(cfg, force=args.force)
-        else:
-            pipeline.run_stage(cfg, args.stage, force=args.force)
+        # one command at a time in an out_dir (under `accelerate launch`: held by rank 0)
+        with out_dir_lock(cfg.run_dir, command_line()) if _is_main() else nullcontext():
+            pipeline.check_hub_sources(cfg, args.stage)
+            if args.stage == "run":
+                pipeline.run(cfg, force=args.force)
+            else:
+                pipeline.run_stage(cfg, args.stage, force=args.force)
     except (ConfigError, DataError, ModelError, TrainingError, InputFileError) as e:
         if _is_main():
             print(f"posttrain {args.stage}: error: {e}", file=sys.stderr)

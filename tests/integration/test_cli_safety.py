@@ -379,3 +379,38 @@ def test_a_crash_at_any_step_of_the_swap_loses_nothing_and_recovers(run_copy, ar
     else:
         pytest.fail("the swap never finished")
     assert n > 3 and new_summary != old_summary
+
+
+# ---------------------------------------------------------------- one command per out_dir
+
+def test_a_second_command_in_a_busy_out_dir_refuses_and_touches_nothing(tmp_path, capsys,
+                                                                          tiny_model_dir):
+    """While one command runs in an out_dir, another there (even --force with a changed
+    config) refuses, naming the process, and changes nothing; once the first has died
+    (kill -9), its lock no longer blocks."""
+    out = tmp_path / "run"
+    (out / ".redo-sft" / "sft").mkdir(parents=True)
+    (out / ".redo-sft" / "sft" / "adapter.safetensors").write_bytes(b"half a redo")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from posttrain.lock import out_dir_lock\n"
+         f"with out_dir_lock({str(out)!r}, 'posttrain sft --force lora.rank=8'):\n"
+         "    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _snapshot(out)
+        for argv in (["sft", "--force", "lora.rank=16", f"data.train={tmp_path}/no.jsonl"],
+                     ["plot"], ["view"]):
+            rc = cli.main([argv[0], "--config", "defaults", f"model.name={tiny_model_dir}",
+                           f"out_dir={out}", *argv[1:]])
+            err = capsys.readouterr().err
+            assert rc == 2, err
+            assert f"is in use by process {holder.pid}" in err, err
+            assert "posttrain sft --force lora.rank=8" in err, err
+            assert _snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    rc = cli.main(["plot", "--config", "defaults", f"out_dir={out}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nothing to plot" in err and "in use" not in err, err
