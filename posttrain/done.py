@@ -1,9 +1,10 @@
 """A stage's "already finished" check: its outputs stay as they are, and it says so."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
+
+from posttrain.io import read_json
 
 
 def finished(stage: str, out: Path, marker: str, folder: Optional[str], again: str,
@@ -14,6 +15,9 @@ def finished(stage: str, out: Path, marker: str, folder: Optional[str], again: s
     out = Path(out)
     if not (out / marker).is_file() or (folder is not None and not (out / folder).is_dir()):
         return None
+    result = read_json(out / marker, f"the {stage} stage's record is damaged: redo it with "
+                       f"`posttrain {stage} --force` (the old {new} stays until the new one "
+                       "is written)")
     print(f"{stage}: already finished in {out} "
           f"(--force {again}, keeping it until the new {new} is written)")
-    return json.loads((out / marker).read_text())
+    return result

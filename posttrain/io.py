@@ -13,9 +13,10 @@ class InputFileError(ValueError):
     """A file a stage reads is missing or malformed; the message names it (and the line)."""
 
 
-def read_jsonl(path: Path, required: tuple = (), hint: str = "") -> list[dict]:
+def read_jsonl(path: Path, required: tuple | dict = (), hint: str = "") -> list[dict]:
     """The JSON objects of a .jsonl file, one per non-blank line; a bad line, or one that
-    lacks a `required` key, raises InputFileError naming the file and line (from 1)."""
+    lacks a `required` key (a dict: or whose value is not of the key's type), raises
+    InputFileError naming the file and line (from 1)."""
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"{path}: missing{'; ' + hint if hint else ''}")
@@ -39,6 +40,13 @@ def read_jsonl(path: Path, required: tuple = (), hint: str = "") -> list[dict]:
         if missing:
             raise InputFileError(f"{path}: line {n}: missing key(s) {missing}"
                                  f"{'; ' + hint if hint else ''}")
+        for k, kind in (required.items() if isinstance(required, dict) else ()):
+            if not isinstance(row[k], kind) or isinstance(row[k], bool):
+                names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple)
+                                                         else (kind,)))
+                raise InputFileError(f"{path}: line {n}: {k!r} is {type(row[k]).__name__} "
+                                     f"{json.dumps(row[k])[:60]}, expected {names}"
+                                     f"{'; ' + hint if hint else ''}")
         rows.append(row)
     return rows
 

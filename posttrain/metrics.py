@@ -25,9 +25,8 @@ class MetricsLogger:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None and self.path.exists():
-                keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                        if line.strip() and not _beyond(json.loads(line), stage, resume_step)]
-                atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+                keep = [r for r in read_metrics(run_dir) if not _beyond(r, stage, resume_step)]
+                atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
             self._file = open(self.path, "a", encoding="utf-8")
             try:
                 from torch.utils.tensorboard import SummaryWriter  # heavy: optional
@@ -59,8 +58,12 @@ def _beyond(row: dict, stage: str, step: int) -> bool:
 
 
 def read_metrics(run_dir: Path, stage: str | None = None) -> list[dict]:
+    """The rows of `<run_dir>/metrics.jsonl` (of `stage`); a damaged row: InputFileError
+    naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, {"stage": str, "step": int},
+                      "the training log: each row holds its stage and step (fix or delete "
+                      "that line; the stages' own outputs do not depend on it)")
     return [r for r in rows if stage is None or r.get("stage") == stage]

@@ -197,7 +197,7 @@ def run(cfg: Config) -> list[Path]:
     paths = []
     samples_file = cfg.run_dir / "eval" / "samples.jsonl"
     if samples_file.is_file():
-        samples = read_jsonl(samples_file, ("model", "length_chars"),
+        samples = read_jsonl(samples_file, {"model": str, "length_chars": (int, float)},
                              "run `posttrain eval` (again) first")
         paths += length_figures(samples, out)
         if samples and all(s.get("target") is not None for s in samples):

@@ -89,14 +89,19 @@ def _flat(node, prefix: str = "") -> dict:
 
 def config_diff(cfg: Config, stage: str) -> list[str]:
     """Keys (among those the stage depends on) whose value differs from the config stored
-    with the stage's outputs; [] when none is stored or all agree."""
+    with the stage's outputs; [] when none is stored or all agree; a stored config that
+    cannot be read differs (one line naming it)."""
     sections = STAGES[stage].depends
     stored_file = cfg.run_dir / STAGES[stage].folder / "config.yaml"
     if not sections or not stored_file.is_file():
         return []
     # a key the stored file lacks (an option added since) counts at its default
     defaults = OmegaConf.create(to_yaml(Config()))
-    stored = OmegaConf.to_container(OmegaConf.merge(defaults, OmegaConf.load(stored_file)))
+    try:
+        stored = OmegaConf.to_container(OmegaConf.merge(defaults, OmegaConf.load(stored_file)))
+    except Exception as e:  # noqa: BLE001 (yaml's and omegaconf's errors): damaged
+        return [f"{stored_file} cannot be read ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}), so it counts as another config"]
     now = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
     a = _flat({k: stored.get(k) for k in sections})
     b = _flat({k: now.get(k) for k in sections})
@@ -179,10 +184,14 @@ def _check_inputs(cfg: Config, stage: str, marks: dict) -> None:
 def guard_stage(cfg: Config, stage: str, force: bool = False) -> None:
     """Before a stage run alone (nothing is written): refuse if the outputs it reads are
     missing, stale or made with a different config, or if its own were made with a different
-    config and `force` is not given."""
-    if STAGES[stage].marker is None:  # plot, view: they read what is on disk, whatever made it
-        return
+    config and `force` is not given (plot, view: if the eval's samples are stale)."""
     marks = stale(cfg)
+    if STAGES[stage].marker is None:  # plot, view: they show the eval's samples and report
+        if "eval" in marks:
+            raise ConfigError(f"{cfg.run_dir / 'eval'} (the eval's samples, which {stage} "
+                              f"shows) is stale: {marks['eval']}; run `posttrain eval` first "
+                              f"(or `posttrain run`), then {stage}")
+        return
     _check_inputs(cfg, stage, marks)
     diff = config_diff(cfg, stage) if stage not in marks else []  # stale: redone anyway
     if diff and not force:

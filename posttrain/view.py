@@ -51,8 +51,9 @@ def run(cfg: Config) -> Path:
     """Write view/index.html from the eval outputs; returns its path."""
     ev = cfg.run_dir / "eval"
     hint = "run `posttrain eval` (again) first"
-    prompts = read_jsonl(ev / "prompts.jsonl", ("prompt_index", "prompt"), hint)
-    samples = read_jsonl(ev / "samples.jsonl", ("model", "prompt_index", "completion"), hint)
+    prompts = read_jsonl(ev / "prompts.jsonl", {"prompt_index": int, "prompt": str}, hint)
+    samples = read_jsonl(ev / "samples.jsonl",
+                         {"model": str, "prompt_index": int, "completion": str}, hint)
     report = read_json(ev / "report.json", hint) if (ev / "report.json").is_file() else {}
     out = cfg.run_dir / "view" / "index.html"
     atomic_write_text(out, render(page_data(prompts, samples, report, str(cfg.run_dir))))

@@ -414,3 +414,56 @@ def test_a_second_command_in_a_busy_out_dir_refuses_and_touches_nothing(tmp_path
     rc = cli.main(["plot", "--config", "defaults", f"out_dir={out}"])
     err = capsys.readouterr().err
     assert rc == 2 and "nothing to plot" in err and "in use" not in err, err
+
+
+# ---------------------------------------------------------------- damaged or stale run files
+
+def _cli_in(run_dir, *argv):
+    return cli.main([argv[0], "--config", "defaults", f"out_dir={run_dir}", *argv[1:]])
+
+
+def test_damaged_run_files_are_one_clear_error(run_copy, args, capsys):
+    """The files the error table points users at, damaged: each command names the file and
+    what to do, with no traceback, and changes nothing."""
+    cfg_args = [a for a in args(run_copy) if not a.startswith("out_dir=")]
+    summary = run_copy / "sft" / "summary.json"
+    good = summary.read_text()
+    summary.write_text(good[:len(good) // 2])                # truncated
+    before = _snapshot(run_copy)
+    assert _cli_in(run_copy, "sft", *cfg_args) == 2
+    err = capsys.readouterr().err
+    assert "summary.json: not valid JSON" in err and "posttrain sft --force" in err, err
+    summary.write_text(good)
+    config = run_copy / "sft" / "config.yaml"
+    config.write_text("model: [unclosed\n")                  # does not parse
+    for stage in ("sft", "rl"):
+        assert _cli_in(run_copy, stage, *cfg_args) == 2
+        err = capsys.readouterr().err
+        assert f"{config} cannot be read" in err and "--force" in err, err
+    (run_copy / "metrics.jsonl").write_text('{"stage": "sft", "loss": 1.0}\n')
+    assert _cli_in(run_copy, "plot") == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl: line 1: missing key(s) ['step']" in err, err
+    samples = run_copy / "eval" / "samples.jsonl"
+    samples.write_text(json.dumps({"model": ["sft"], "prompt_index": 0, "completion": "a.",
+                                   "length_chars": 2}) + "\n")
+    for stage in ("plot", "view"):
+        assert _cli_in(run_copy, stage) == 2
+        err = capsys.readouterr().err
+        assert "samples.jsonl: line 1: 'model' is list [\"sft\"], expected str" in err, err
+    assert _snapshot(run_copy / "rl") == {k[3:]: v for k, v in before.items()
+                                          if k.startswith("rl/")}
+
+
+def test_plot_and_view_refuse_a_stale_eval(run_copy, capsys):
+    """After a redo of an earlier stage (`posttrain sft --force` marks eval stale), plot and
+    view refuse to show the old models' samples; once eval is current they run."""
+    from posttrain.stages import set_stale
+    cfg = load_config(None, (f"out_dir={run_copy}",))
+    set_stale(cfg, {"eval": "made from the sft outputs that were redone since"})
+    for stage in ("plot", "view"):
+        assert _cli_in(run_copy, stage) == 2
+        err = capsys.readouterr().err
+        assert "is stale: made from the sft outputs" in err and "posttrain eval" in err, err
+    set_stale(cfg, {})
+    assert _cli_in(run_copy, "view") == 0
