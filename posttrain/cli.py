@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shutil
 import sys
 from contextlib import nullcontext
 
@@ -50,12 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     # every stage, then `run` (its --help lists every section)
     commands = [(s.name, s.help_sections, s.help) for s in STAGES.values()]
     bundled = ", ".join(bundled_configs())
+    demo = load_config("demo", ())     # what a stage without --config runs with
     for name, sections, help_ in commands + [("run", None, RUN_HELP)]:
         p = sub.add_parser(
             name, help=help_, description=help_,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog="options (set in the YAML file or as key=value; defaults shown):\n"
-                   + describe(sections=sections))
+            epilog="options (set in the YAML file or as key=value), with the demo config's "
+                   "values (what a\ncommand without --config uses) and, where they differ, "
+                   f"the dataclass defaults\n(`--config {DEFAULTS}`: the reference recipe):\n"
+                   + describe(sections=sections, values=demo))
         p.add_argument("--config", metavar="FILE.yaml", default="demo",
                        help="YAML file whose values override the defaults, or the name of a "
                             "bundled config: " + bundled + f", or "
@@ -76,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _is_main() -> bool:
     """Under `accelerate launch` / torchrun only rank 0 reports a bad input."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A write failed for want of space: ENOSPC / EDQUOT, or torch's checkpoint writer,
+    which reports a short write as a RuntimeError ("unexpected pos")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return "No space left on device" in text or ("inline_container" in text
+                                                  and "unexpected pos" in text)
+
+
+def _free(folder) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB"
+    except OSError:
+        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -100,6 +122,7 @@ def main(argv=None) -> int:
     from posttrain.modeling import ModelError
     from posttrain.sft import TrainingError
 
+    cfg = None
     try:
         cfg = load_config(None if args.config == DEFAULTS else args.config,
                           tuple(args.overrides))
@@ -118,6 +141,15 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, ModelError, TrainingError, InputFileError) as e:
         if _is_main():
             print(f"posttrain {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        if cfg is None or not _disk_full(e):
+            raise
+        if _is_main():
+            print(f"posttrain {args.stage}: error: no space left on the disk that holds "
+                  f"{cfg.run_dir} ({_free(cfg.run_dir)} free; {str(e).splitlines()[0][:120]}); "
+                  "the finished outputs are intact: make room, then re-run the same command "
+                  "to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if _is_main():

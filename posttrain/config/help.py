@@ -33,19 +33,24 @@ def field_docs(cls) -> dict:
     return docs
 
 
-def describe(cls=Config, prefix: str = "", sections: Optional[tuple] = None) -> str:
-    """Every option of `cls` with its default and docstring, for `--help`."""
+def describe(cls=Config, prefix: str = "", sections: Optional[tuple] = None,
+             values=None) -> str:
+    """Every option of `cls` with its value in `values` (an instance of `cls`; None: the
+    dataclass defaults), the dataclass default beside it where the two differ, and its
+    docstring, for `--help`."""
     lines = []
     docs = field_docs(cls)
     defaults = cls()
+    values = defaults if values is None else values
     for f in fields(cls):
-        value = getattr(defaults, f.name)
+        value, default = getattr(values, f.name), getattr(defaults, f.name)
         if is_dataclass(value):
             if sections is None or f.name in sections:
                 lines.append(f"\n  [{prefix}{f.name}]")
-                lines.append(describe(type(value), f"{prefix}{f.name}."))
+                lines.append(describe(type(value), f"{prefix}{f.name}.", values=value))
             continue
-        lines.append(f"  {prefix}{f.name} = {value!r}")
+        lines.append(f"  {prefix}{f.name} = {value!r}"
+                     + (f"   (dataclass default: {default!r})" if value != default else ""))
         if f.name in docs:
             lines.append(f"      {docs[f.name]}")
     return "\n".join(lines)

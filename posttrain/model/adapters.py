@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config import LoraConfig
-from posttrain.io import atomic_dir
+from posttrain.io import atomic_dir, read_json
 from posttrain.model.fused import fuse_projections
 from posttrain.model.load import (ModelError, autocast, check_context, load_base_model,
                                   store_frozen)
@@ -45,12 +45,20 @@ def load_adapter(model, path: Path, trainable: bool = False, name: str = "defaul
     cfg_file = Path(path) / "adapter_config.json"
     if not cfg_file.is_file():
         raise ModelError(f"{path}: no adapter_config.json; not a saved adapter")
-    saved = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    saved = read_json(cfg_file, "redo the stage that made it with --force").get(
+        "base_model_name_or_path")
     ours = getattr(model.config, "name_or_path", None)
     if saved and ours and saved != ours and not (Path(saved).is_dir() and Path(ours).is_dir()
                                                  and Path(saved).name == Path(ours).name):
         raise ModelError(f"{path}: adapter was trained on {saved!r}, not on {ours!r}")
-    return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
+    from safetensors import SafetensorError
+
+    try:
+        return PeftModel.from_pretrained(model, str(path), adapter_name=name,
+                                         is_trainable=trainable)
+    except SafetensorError as e:
+        raise ModelError(f"{path}: the adapter's weights file is damaged or incomplete ({e}); "
+                         "redo the stage that made it with --force") from None
 
 
 def save_adapter(model, tokenizer, path: Path, adapter: str | None = None) -> None:

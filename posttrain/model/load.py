@@ -207,8 +207,13 @@ def load_base_model(cfg: ModelConfig, device: torch.device, store: bool = True):
         kwargs.update(quantization_config=_bnb_config(device), device_map={"": device.index or 0})
     else:
         kwargs.update(dtype=torch.float32)
+    from safetensors import SafetensorError  # a weights file cut short or damaged
+
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg), **kwargs)
+    except SafetensorError as e:
+        raise ModelError(f"could not load model.name={cfg.name!r}: a weights file is damaged "
+                         f"or incomplete ({e}); download or copy the model again") from None
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load model.name={cfg.name!r}: {str(e).splitlines()[0]}") from e
     if not cfg.load_in_4bit:

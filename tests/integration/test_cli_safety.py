@@ -467,3 +467,37 @@ def test_plot_and_view_refuse_a_stale_eval(run_copy, capsys):
         assert "is stale: made from the sft outputs" in err and "posttrain eval" in err, err
     set_stale(cfg, {})
     assert _cli_in(run_copy, "view") == 0
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1216 vs 1110"),
+], ids=["ENOSPC", "torch-writer"])
+def test_a_full_disk_is_one_clear_error(error, tmp_path, monkeypatch, capsys):
+    """A write that fails for want of space (raw, or as torch's checkpoint writer reports
+    it) names the disk's folder and says how to go on; any other error is not dressed up."""
+    def full(*a, **k):
+        raise error
+    monkeypatch.setattr(pipeline, "run_stage", full)
+    rc = cli.main(["sft", "--config", "defaults", f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no space left on the disk that holds" in err, err
+    assert str(tmp_path / "run") in err and "re-run the same command to resume" in err, err
+    monkeypatch.setattr(pipeline, "run_stage", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        cli.main(["sft", "--config", "defaults", f"out_dir={tmp_path / 'run'}"])
+
+
+def test_truncated_weights_are_one_clear_error(tiny_model_dir, tmp_path, capsys):
+    """A local model whose model.safetensors was cut short (an interrupted copy or
+    download): one line naming the model and what to do."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    rc = cli.main(["sft", "--config", "defaults", f"model.name={model}",
+                   f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"model.name='{model}'" in err, err
+    assert "damaged or incomplete" in err and "download or copy the model again" in err, err
