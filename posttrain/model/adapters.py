@@ -4,7 +4,7 @@ them, and the merged copy the samplers run."""
 from __future__ import annotations
 
 import copy
-import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +15,21 @@ from posttrain.io import atomic_dir, read_json
 from posttrain.model.fused import fuse_projections
 from posttrain.model.load import (ModelError, autocast, check_context, load_base_model,
                                   store_frozen)
+
+
+@contextmanager
+def quiet_peft():
+    """peft calls that warn about what a user cannot act on, with exactly those warnings
+    filtered: PeftModel (peft 0.21) reads transformers 5.2x's deprecated
+    `is_gradient_checkpointing` (a FutureWarning); merge_and_unload warns that the input and
+    output embeddings are no longer tied (a UserWarning: the LoRA targets the projections
+    only, so the merged LM head equals the embedding anyway)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Input and output embeddings are no longer "
+                                "tied after merging", category=UserWarning)
+        yield
 
 
 def _peft_config(cfg: LoraConfig, dropout: float | None = None):
@@ -33,7 +48,8 @@ def add_lora(model, cfg: LoraConfig, quantized: bool = False):
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     try:
-        return get_peft_model(model, _peft_config(cfg))
+        with quiet_peft():
+            return get_peft_model(model, _peft_config(cfg))
     except ValueError as e:
         raise ModelError(f"lora.target_modules={list(cfg.target_modules)}: {e}") from e
 
@@ -54,8 +70,9 @@ def load_adapter(model, path: Path, trainable: bool = False, name: str = "defaul
     from safetensors import SafetensorError
 
     try:
-        return PeftModel.from_pretrained(model, str(path), adapter_name=name,
-                                         is_trainable=trainable)
+        with quiet_peft():
+            return PeftModel.from_pretrained(model, str(path), adapter_name=name,
+                                             is_trainable=trainable)
     except SafetensorError as e:
         raise ModelError(f"{path}: the adapter's weights file is damaged or incomplete ({e}); "
                          "redo the stage that made it with --force") from None
@@ -93,7 +110,8 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
     check_context(cfg, base)
     model = load_adapter(base, sft_dir, trainable=False, name=SFT)
     if merge:  # in fp32, before the frozen weights are stored in their dtype
-        model = store_frozen(model.merge_and_unload(), cfg.model, device)
+        with quiet_peft():
+            model = store_frozen(model.merge_and_unload(), cfg.model, device)
         return model if rl is None else _rl_fast_paths(_with_rl(model, cfg, rl), cfg)
     store_frozen(model, cfg.model, device)
     # The SFT adapter is frozen: no dropout on it even in train mode, or pi_sft would be
@@ -139,9 +157,11 @@ def _with_rl(model, cfg, rl):
     from peft import PeftModel, get_peft_model  # heavy: peft imports transformers
 
     if rl == "new":
-        return get_peft_model(model, _peft_config(cfg.lora, cfg.rl.lora_dropout),
-                              adapter_name=RL)
-    return PeftModel.from_pretrained(model, str(rl), adapter_name=RL, is_trainable=True)
+        with quiet_peft():
+            return get_peft_model(model, _peft_config(cfg.lora, cfg.rl.lora_dropout),
+                                  adapter_name=RL)
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, str(rl), adapter_name=RL, is_trainable=True)
 
 
 def _activate(model, adapters: tuple) -> None:
@@ -180,7 +200,8 @@ def sampler(model, cfg, device: torch.device, dtype: torch.dtype):
     if hasattr(fast, "merge_and_unload"):
         disabled = any(getattr(m, "disable_adapters", False) for m in fast.modules()
                        if hasattr(m, "lora_A"))
-        fast = fast.unload() if disabled else fast.merge_and_unload()
+        with quiet_peft():
+            fast = fast.unload() if disabled else fast.merge_and_unload()
     fast = fast.to(dtype).eval()
     try:
         yield fast

@@ -117,6 +117,7 @@ def test_kill_between_stages_then_resume(tiny_model_dir, tmp_path, tiny_args):
     r = subprocess.run([sys.executable, "-m", "posttrain", "run", *args], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "Warning" not in r.stderr, r.stderr[-3000:]    # no library noise on the console
     assert "sft already done" in r.stdout and "generate already done" in r.stdout
     assert {s: (out / s / f).stat().st_mtime_ns for s, f in (("sft", "summary.json"),
                                                             ("generate", "stats.json"))} == kept
