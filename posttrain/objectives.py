@@ -276,27 +276,50 @@ def stop_decision_loss(logp_stop: torch.Tensor, stopped: torch.Tensor) -> torch.
     return -torch.where(stopped, logp_stop, log_go)
 
 
+def tilted_hazard(stop_reward: torch.Tensor, prefix_length: torch.Tensor,
+                  ref_log_w: torch.Tensor, ref_length: torch.Tensor,
+                  stop_log_w: torch.Tensor) -> torch.Tensor:
+    """The log-odds a tilted reference policy pi_ref(y) * w(y) / Z adds to stopping at each
+    position, w a function of the reward, which depends on the length (and ending) alone.
+
+    At every prefix the tilted next-token policy is pi_ref times V(after) / V(before),
+    V(prefix) = E_ref[w | prefix]. Stopping ends the sample: V = w(r_stop). Going on is
+    valued by the reference's own samples that ran longer than the prefix, V_go = mean over
+    ref_length > prefix_length of w (the remaining length is taken from the reference's
+    lengths: a model of the continuation that needs no sampling, and that gives every word
+    the same value, so only the stop decisions are tilted). The stop log-odds are then the
+    reference's plus log w(r_stop) - log V_go. A prefix longer than every reference sample
+    goes on at the worst reference weight. `stop_reward` is not read but for its dtype.
+
+    ref_log_w, ref_length: (M,) log w of the reference samples and their lengths;
+    prefix_length, stop_log_w: (T,) -> (T,)"""
+    lw = ref_log_w.double()
+    longer = ref_length.double()[None, :] > prefix_length.double()[:, None]        # (T, M)
+    masked = torch.where(longer, lw[None, :], torch.tensor(float("-inf"), dtype=lw.dtype))
+    log_go = torch.logsumexp(masked, -1) - torch.log(longer.sum(-1).clamp(min=1).double())
+    log_go = torch.where(longer.any(-1), log_go, lw.min().expand_as(log_go))
+    return (stop_log_w.double() - log_go).to(stop_reward.dtype)
+
+
 def best_of_n_hazard(stop_reward: torch.Tensor, prefix_length: torch.Tensor,
                      ref_reward: torch.Tensor, ref_length: torch.Tensor, n: int) -> torch.Tensor:
-    """The log-odds that best-of-n sampling adds to stopping at each position.
-
-    Best-of-n of a reference policy is pi_ref(y) * F(r(y))^(n-1) / Z (F: the reward's CDF
-    under pi_ref), so at every prefix its next-token policy is pi_ref times V(after) /
-    V(before), V(prefix) = E_ref[F(r)^(n-1) | prefix]. Stopping ends the sample: V =
-    F(r_stop)^(n-1). Going on is valued by the reference's own samples that ran longer than
-    the prefix, V_go = mean over ref_length > prefix_length of F(ref_reward)^(n-1) (the
-    reward depends on the length alone, and the remaining length is taken from the
-    reference's lengths: a model of the continuation that needs no sampling). The stop
-    log-odds under best-of-n are then the reference's plus log F(r_stop)^(n-1) - log V_go.
-    A prefix longer than every reference sample goes on at the worst reference reward.
-
+    """tilted_hazard for best-of-n sampling of the reference: w = F(r)^(n-1), F the
+    reward's CDF under pi_ref (best-of-n is pi_ref(y) * F(r(y))^(n-1) / Z).
     stop_reward, prefix_length: (T,); ref_reward, ref_length: (M,) -> (T,)"""
-    f = empirical_cdf(ref_reward, ref_reward).double() ** (n - 1)                  # (M,)
-    longer = ref_length.double()[None, :] > prefix_length.double()[:, None]         # (T, M)
-    go = (longer * f[None, :]).sum(-1) / longer.sum(-1).clamp(min=1)             # (T,)
-    go = torch.where(longer.any(-1), go, f.min().expand_as(go))
-    stop = empirical_cdf(stop_reward, ref_reward).double() ** (n - 1)               # (T,)
-    return (torch.log(stop) - torch.log(go)).to(stop_reward.dtype)
+    ref_lw = (n - 1) * torch.log(empirical_cdf(ref_reward, ref_reward).double())      # (M,)
+    stop_lw = (n - 1) * torch.log(empirical_cdf(stop_reward, ref_reward).double())    # (T,)
+    return tilted_hazard(stop_reward, prefix_length, ref_lw, ref_length, stop_lw)
+
+
+def reward_hazard(stop_reward: torch.Tensor, prefix_length: torch.Tensor,
+                  ref_reward: torch.Tensor, ref_length: torch.Tensor,
+                  beta: float) -> torch.Tensor:
+    """tilted_hazard for w = exp(r / beta): the reference tilted by the reward itself, the
+    optimum of E[r] - beta KL (steeper in both tails than best-of-n's F^(n-1), which is
+    flat where F is near 0).
+    stop_reward, prefix_length: (T,); ref_reward, ref_length: (M,) -> (T,)"""
+    return tilted_hazard(stop_reward, prefix_length, ref_reward.double() / beta, ref_length,
+                         stop_reward.double() / beta)
 
 
 def hazard_loss(logp_stop: torch.Tensor, ref_logp_stop: torch.Tensor,

@@ -160,6 +160,11 @@ class RLAdvantage:
     policy. `set`: F of the SFT policy's samples as a whole (offline: the generated set;
     online: the first round). `group`: F of the sample's own prompt group in its round.
     `none`: the length reward itself. The stop credit's rewards go through the same F."""
+    tilt_beta: float = 0.0
+    """With advantage=best_of_n_hazard or best_of_n_distill, the policy the stop decisions
+    are trained toward: 0, best-of-N sampling of the SFT policy (N = rl.best_of_n: the SFT
+    policy tilted by F(r)^(N-1)); > 0, the SFT policy tilted by exp(r / tilt_beta), the
+    optimum of E[r] - tilt_beta KL (steeper in both tails: smaller is sharper)."""
     adv_clamp: float = 3.0
     """Whitened advantages are clamped to [-adv_clamp, adv_clamp]."""
 
@@ -175,6 +180,7 @@ class RLAdvantage:
             raise ConfigError("rl.credit=decisions needs rl.advantage=group_stop (set "
                               "rl.stop_weight=0 for the group term alone)")
         _positive(self.adv_clamp, "rl.adv_clamp")
+        _positive(self.tilt_beta, "rl.tilt_beta", allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -59,16 +59,18 @@ def step_rewards(rollouts: list[Rollout], set_lengths, tokenizer, cfg: Config):
 
 def hazard_credit(credit: StopCredit, ref_lengths, ref_rewards, cfg: Config) -> StopCredit:
     """The credit with, at every position, the log-odds best-of-N sampling of the SFT policy
-    (N = rl.best_of_n) adds to stopping there (`objectives.best_of_n_hazard`): from the SFT
-    samples' lengths and rewards; with reward.ending set, stopping mid-sentence is worth
-    the penalty."""
+    (N = rl.best_of_n) adds to stopping there (`objectives.best_of_n_hazard`; with
+    rl.tilt_beta, the SFT policy tilted by exp(r / tilt_beta): `objectives.reward_hazard`):
+    from the SFT samples' lengths and rewards; with reward.ending set, stopping mid-sentence
+    is worth the penalty."""
     ref_r = torch.as_tensor(ref_rewards, dtype=torch.float32)
     ref_l = torch.as_tensor(ref_lengths, dtype=torch.float32)
     hazard = []
     for r, c, n in zip(credit.reward, credit.clean, credit.length):
         if cfg.reward.ending is not None:
             r = torch.where(c, r, torch.tensor(float(cfg.reward.ending)))
-        hazard.append(O.best_of_n_hazard(r, n, ref_r, ref_l, cfg.rl.best_of_n))
+        hazard.append(O.reward_hazard(r, n, ref_r, ref_l, cfg.rl.tilt_beta) if cfg.rl.tilt_beta
+                      else O.best_of_n_hazard(r, n, ref_r, ref_l, cfg.rl.best_of_n))
     return credit._replace(hazard=hazard)
 
 
