@@ -71,7 +71,7 @@ def test_recipe_bench_runs_the_best_of_n_variants(tiny_model_dir, tmp_path):
     script = Path(__file__).parents[2] / "bench" / "rl_recipes.py"
     out = tmp_path / "recipes"
     names = ["demo-summary-kl", "bond-set", "bond-group", "bond-set-step", "raft", "bon-stop",
-             "bon-hazard", "bon-distill"]
+             "bon-hazard", "bon-distill", "tilt-distill-b0.2"]
     cmd = [sys.executable, str(script), "--variants", ",".join(names), "--seeds", "3",
            "--out", str(out), "--eval-prompts", "3", "--eval-samples", "4",
            f"model.name={tiny_model_dir}", *TINY, "rl.iterations=2", "rl.grad_accum=1",

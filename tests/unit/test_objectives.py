@@ -304,6 +304,23 @@ def test_best_of_n_hazard_by_hand():
     assert torch.all(O.best_of_n_hazard(stop_r, prefix, ref_r, ref_l, 1).abs() < 1e-6)
 
 
+def test_reward_hazard_by_hand():
+    # the same reference as above; the tilt w = exp(r / beta)
+    ref_r, ref_l = torch.tensor([0.0, 1.0, 0.0]), torch.tensor([10.0, 20.0, 30.0])
+    beta = 0.5
+    stop_r = torch.tensor([0.0, 1.0, -1.0])
+    prefix = torch.tensor([5.0, 20.0, 40.0])
+    shift = O.reward_hazard(stop_r, prefix, ref_r, ref_l, beta)
+    e = math.exp(1 / beta)
+    go = torch.tensor([(1 + e + 1) / 3,     # longer than 5: all three
+                       1.0,                 # longer than 20: only 30 (reward 0)
+                       1.0])                # past them all: the worst reference weight
+    stop = torch.tensor([1.0, e, math.exp(-1 / beta)])
+    torch.testing.assert_close(shift, torch.log(stop / go))
+    # a flat tilt (huge beta) is the reference: no shift
+    assert torch.all(O.reward_hazard(stop_r, prefix, ref_r, ref_l, 1e9).abs() < 1e-6)
+
+
 def test_hazard_loss_targets_the_shifted_stop_probability():
     ref = torch.log(torch.tensor([0.2, 0.5]))
     shift = torch.tensor([math.log(3.0), 0.0])
