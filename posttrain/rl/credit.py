@@ -62,15 +62,20 @@ def hazard_credit(credit: StopCredit, ref_lengths, ref_rewards, cfg: Config) -> 
     (N = rl.best_of_n) adds to stopping there (`objectives.best_of_n_hazard`; with
     rl.tilt_beta, the SFT policy tilted by exp(r / tilt_beta): `objectives.reward_hazard`):
     from the SFT samples' lengths and rewards; with reward.ending set, stopping mid-sentence
-    is worth the penalty."""
+    is worth the penalty (rl.advantage=best_of_n_distill: there the teacher keeps the SFT
+    policy's odds; pushing every mid-sentence p(EOS) down taught the policy to stop less
+    everywhere, and its summaries ran on to the token limit)."""
     ref_r = torch.as_tensor(ref_rewards, dtype=torch.float32)
     ref_l = torch.as_tensor(ref_lengths, dtype=torch.float32)
     hazard = []
     for r, c, n in zip(credit.reward, credit.clean, credit.length):
         if cfg.reward.ending is not None:
             r = torch.where(c, r, torch.tensor(float(cfg.reward.ending)))
-        hazard.append(O.reward_hazard(r, n, ref_r, ref_l, cfg.rl.tilt_beta) if cfg.rl.tilt_beta
-                      else O.best_of_n_hazard(r, n, ref_r, ref_l, cfg.rl.best_of_n))
+        shift = (O.reward_hazard(r, n, ref_r, ref_l, cfg.rl.tilt_beta) if cfg.rl.tilt_beta
+                 else O.best_of_n_hazard(r, n, ref_r, ref_l, cfg.rl.best_of_n))
+        if cfg.rl.advantage == "best_of_n_distill":   # mid-sentence: the SFT policy's odds
+            shift = torch.where(c, shift, torch.zeros_like(shift))
+        hazard.append(shift)
     return credit._replace(hazard=hazard)
 
 
