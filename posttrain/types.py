@@ -157,16 +157,12 @@ StepPlan = list  # list[Step]: the run's (or the round's) steps in order, fixed 
 
 class StopCredit(NamedTuple):
     """Per sample, at each completion position t: the reward had it stopped before token t
-    (T,); whether stopping there would have ended cleanly (T,) bool; whether the stop
+    (T,); whether stopping there would have ended cleanly (T,) bool; and whether the stop
     credit counts there (T,) bool: everywhere, or with reward.ending set only where
-    stopping would have ended cleanly; the prefix's length (T,) in reward.unit; and with
-    rl.advantage=best_of_n_hazard the log-odds best-of-N sampling adds to stopping there
-    (T,), else None."""
+    stopping would have ended cleanly."""
     reward: list
     clean: list
     counted: list
-    length: list
-    hazard: Optional[list] = None
 
 
 class LogProbs(NamedTuple):

@@ -118,22 +118,8 @@ class RLAdvantage:
     value for all of a sample's tokens), divided by the group's std if `group_std`. `stop`:
     counterfactual credit for the stop decision at every position (the reward had the sample
     stopped there, minus the reward it got), applied to the policy's EOS probability.
-    `best_of_n`: keep only the highest-reward sample of each prompt group and raise its
-    likelihood (advantage 1, PPO-clipped): distilling best-of-G sampling (RAFT, ReST-EM;
-    online: each round's groups). `best_of_n_stop`: distil the stop decisions of best-of-N
-    sampling (N = rl.best_of_n) from each prompt group: every sample is weighted by its
-    chance to be the best of N of its group's samples (0 for an abrupt ending) and only its
-    stop decisions are trained (stop where it stopped, go on everywhere else: p(EOS) moves,
-    the words keep their odds). `best_of_n_hazard`: train the stop decision at every position
-    of every sample toward best-of-N sampling's, computed (`objectives.best_of_n_hazard`:
-    the SFT's stop log-odds plus log F(r_stop)^(N-1) - log E[F(r)^(N-1) | going on], from the
-    SFT samples' lengths and rewards), by cross-entropy on p(EOS) alone. `best_of_n_distill`:
-    on-policy distillation of best-of-N sampling: at every position of every sample, the
-    exact KL(policy || teacher) over the whole vocabulary, the teacher being the SFT policy
-    with best_of_n_hazard's shift on its stop log-odds (so the words keep the SFT's odds and
-    the stops best-of-N's); its optimum is the best-of-N policy itself, so it wants no KL
-    term (rl.beta=0). `group_stop`: both
-    `group` on every token and `stop` (scaled by `stop_weight`) in one loss. With
+    `group_stop`: both `group` on every token and `stop` (scaled by `stop_weight`) in one
+    loss. With
     reward.ending set, the stop credit counts only positions where stopping would end
     cleanly (stopping mid-sentence has no counterfactual: the group term punishes it)."""
     group_std: bool = False
@@ -141,46 +127,20 @@ class RLAdvantage:
     (Dr. GRPO)."""
     stop_weight: float = 1.0
     """With advantage=group_stop: the weight of the stop credit beside the group term."""
-    credit: str = "all"
-    """With advantage=group_stop: the tokens the group term's policy loss trains. `all`:
-    every completion token. `decisions`: only the tokens where the sample could have
-    stopped cleanly (after closing punctuation: go on, or stop) and its EOS, with the same
-    total weight; the words in between keep only the KL term, so the length moves without
-    rewriting the content. The KL term stays on every token."""
     baseline: str = "group"
     """With advantage=group or group_stop, what a reward is compared with: `group`, the mean
     reward of the same prompt's samples (GRPO), or `step`, the mean over the optimizer
     step's samples (all prompts). A group baseline cannot see a prompt whose samples are all
     too long or all too short, so it leaves the between-prompt part of the length spread
     alone; `step` pushes on it too (the length target is the same for every prompt)."""
-    bond: str = "none"
-    """BOND's best-of-N-matching reward (Sessa et al. 2024) in place of the length reward:
-    (N - 1) log F(r), N = rl.best_of_n, F the CDF of the reward r under the reference
-    policy; with rl.loss_agg=summary and beta 1 its KL-regularised optimum is the best-of-N
-    policy. `set`: F of the SFT policy's samples as a whole (offline: the generated set;
-    online: the first round). `group`: F of the sample's own prompt group in its round.
-    `none`: the length reward itself. The stop credit's rewards go through the same F."""
-    tilt_beta: float = 0.0
-    """With advantage=best_of_n_hazard or best_of_n_distill, the policy the stop decisions
-    are trained toward: 0, best-of-N sampling of the SFT policy (N = rl.best_of_n: the SFT
-    policy tilted by F(r)^(N-1)); > 0, the SFT policy tilted by exp(r / tilt_beta), the
-    optimum of E[r] - tilt_beta KL (steeper in both tails: smaller is sharper)."""
     adv_clamp: float = 3.0
     """Whitened advantages are clamped to [-adv_clamp, adv_clamp]."""
 
     def _check_advantage(self) -> None:
-        _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "group_stop",
-                                                  "best_of_n", "best_of_n_stop",
-                                                  "best_of_n_hazard", "best_of_n_distill"))
+        _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "group_stop"))
         _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
         _choice(self.baseline, "rl.baseline", ("group", "step"))
-        _choice(self.credit, "rl.credit", ("all", "decisions"))
-        _choice(self.bond, "rl.bond", ("none", "set", "group"))
-        if self.credit == "decisions" and self.advantage != "group_stop":
-            raise ConfigError("rl.credit=decisions needs rl.advantage=group_stop (set "
-                              "rl.stop_weight=0 for the group term alone)")
         _positive(self.adv_clamp, "rl.adv_clamp")
-        _positive(self.tilt_beta, "rl.tilt_beta", allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -195,7 +155,7 @@ class RLKL:
     """KL coefficient (the start value when adaptive)."""
     best_of_n: int = 3
     """N of the best-of-N KL budget log N - (N-1)/N, in nats per summary (N=3 gives 0.432):
-    the report compares the RL policy's KL per summary with it; with rl.bond, BOND's N."""
+    the report compares the RL policy's KL per summary with it."""
     kl_horizon: int = 100
     """Adaptive controller horizon in steps: larger moves beta more slowly."""
 

@@ -167,34 +167,13 @@ def _token_order(flat: list, parts: list, device, first: bool = True) -> torch.T
 
 
 def grouped_completion_logits(model, prompts: list, completions: list, pad_id: int,
-                              device, only_needed: bool = True, chunked: bool = True,
-                              prompt_grad: bool = True) -> torch.Tensor:
+                              device, only_needed: bool = True) -> torch.Tensor:
     """grouped_logit_parts in order: logits (N, V) for every completion token of every
     sample, sample by sample (group-major), token by token."""
-    first, parts = grouped_logit_parts(model, prompts, completions, pad_id, device, only_needed,
-                                       chunked, prompt_grad)
+    first, parts = grouped_logit_parts(model, prompts, completions, pad_id, device, only_needed)
     flat = [c for g in completions for c in g]
-    rows = [lg for _, lg in parts]
-    if first is not None:
-        rows.insert(0, first.repeat_interleave(len(completions[0]), 0))   # (samples, V)
-    return torch.cat(rows)[_token_order(flat, parts, device, first is not None)]
-
-
-def policy_logits(model, samples: Sequence, groups: list, pad_id: int, device,
-                  share_prompt: bool, fast=None, prompt_grad: bool = True) -> torch.Tensor:
-    """The logits (N, V) at every completion token of the groups' samples, in the order of
-    policy_logprobs (for a loss over the whole next-token distribution)."""
-    if share_prompt:
-        return grouped_completion_logits(
-            model, [samples[g[0]].prompt_ids for g in groups],
-            [[samples[i].completion_ids for i in g] for g in groups], pad_id, device,
-            fast is None or fast.completion_logits, fast is None or fast.length_chunks,
-            prompt_grad)
-    if not prompt_grad:
-        raise ValueError("prompt_grad=False needs the shared prompt pass (share_prompt)")
-    batch = collate([Example(tuple(samples[i].prompt_ids), tuple(samples[i].completion_ids))
-                     for g in groups for i in g], pad_id).to(device)
-    return completion_logits(model, batch, fast is None or fast.completion_logits)
+    first = first.repeat_interleave(len(completions[0]), 0)            # (samples, V)
+    return torch.cat([first] + [lg for _, lg in parts])[_token_order(flat, parts, device)]
 
 
 def _logprobs(logits, targets, stop_id, fused) -> LogProbs:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from posttrain.config import Config
-from posttrain.rl.credit import bond_shaped, hazard_credit, step_rewards
-from posttrain.rl.plan import best_of_groups, step_plan
+from posttrain.rl.credit import step_rewards
+from posttrain.rl.plan import step_plan
 from posttrain.rl.trainer import Trainer
 from posttrain.rollout.store import load_set
 
@@ -13,12 +13,6 @@ def run_offline(cfg: Config, acc, dtype, tokenizer) -> dict:
     rollouts, _ = load_set(cfg.run_dir, tokenizer)
     set_lengths = [r.length(cfg.reward.unit) for r in rollouts]
     reward, credit = step_rewards(rollouts, set_lengths, tokenizer, cfg)     # (S,)
-    reference = reward.clone()           # the set is the SFT policy's: rl.bond's F
-    if cfg.rl.advantage == "best_of_n":  # train on the best sample of each prompt group only
-        rollouts, reward = best_of_groups(rollouts, reward)
-    reward, credit = bond_shaped(reward, credit, reference, [r.group for r in rollouts], cfg)
-    if cfg.rl.advantage in ("best_of_n_hazard", "best_of_n_distill"):  # best-of-N's stops
-        credit = hazard_credit(credit, set_lengths, reference, cfg)
     plan = step_plan(rollouts, cfg, world=acc.num_processes)
     if cfg.rl.max_steps > 0:
         plan = plan[:cfg.rl.max_steps]

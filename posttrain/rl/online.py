@@ -22,8 +22,8 @@ from posttrain import seeds
 from posttrain.config import Config
 from posttrain.lengths import spread
 from posttrain.model.adapters import sampler
-from posttrain.rl.credit import abrupt_flags, bond_shaped, hazard_credit, step_rewards
-from posttrain.rl.plan import best_of_groups, step_plan, steps_per_round
+from posttrain.rl.credit import abrupt_flags, step_rewards
+from posttrain.rl.plan import step_plan, steps_per_round
 from posttrain.rl.trainer import Trainer
 from posttrain.rollout import collect as C
 from posttrain.rollout.prompts import draw_targets, train_prompt_pool
@@ -80,14 +80,7 @@ def _round(trainer: Trainer, cfg: Config, tokenizer, texts, prompts, it: int, to
     extra["sampled_tokens"] = extra.get("sampled_tokens", 0) + sum(
         len(r.completion_ids) for r in rollouts)
     reward, credit = step_rewards(rollouts, extra["reward_lengths"], tokenizer, cfg)
-    extra.setdefault("reference_rewards", reward.tolist())  # the SFT policy's, for rl.bond
     stats = _round_stats(rollouts, it, seconds, extra["sampled_tokens"])
-    if cfg.rl.advantage == "best_of_n":  # distil each prompt's best sample of the round
-        rollouts, reward = best_of_groups(rollouts, reward)
-    reward, credit = bond_shaped(reward, credit, torch.tensor(extra["reference_rewards"]),
-                                 [r.group for r in rollouts], cfg)
-    if cfg.rl.advantage in ("best_of_n_hazard", "best_of_n_distill"):  # best-of-N's stops
-        credit = hazard_credit(credit, extra["reward_lengths"], extra["reference_rewards"], cfg)
     # 3. PPO epochs over the round's samples; the reference log-probs kept after the first
     plan = step_plan(rollouts, cfg, epochs=cfg.rl.ppo_epochs,
                      seed=seeds.round_plan(cfg.seed, it), world=acc.num_processes)

@@ -39,20 +39,9 @@ def step_plan(rollouts: list[Rollout], cfg: Config, epochs: float | None = None,
 
 def steps_per_round(cfg: Config, world: int = 1) -> int:
     """Optimizer steps of one online round (all its PPO epochs)."""
-    kept = 1 if cfg.rl.advantage == "best_of_n" else cfg.generate.samples_per_prompt
-    groups_per_micro = max(1, cfg.rl.batch_size // kept)
+    groups_per_micro = max(1, cfg.rl.batch_size // cfg.generate.samples_per_prompt)
     micro = math.ceil(cfg.rl.prompts_per_iteration / groups_per_micro)
     return math.ceil(micro / (cfg.rl.grad_accum * world)) * cfg.rl.ppo_epochs
-
-
-def best_of_groups(rollouts: list, reward: torch.Tensor) -> tuple[list, torch.Tensor]:
-    """Keep the highest-reward sample of each prompt group (best-of-G), each its own group."""
-    best: dict[int, int] = {}
-    for i, r in enumerate(rollouts):
-        if r.group not in best or reward[i] > reward[best[r.group]]:
-            best[r.group] = i
-    keep = sorted(best.values())
-    return [rollouts[i] for i in keep], reward[keep]
 
 
 def lengths_of(rollouts: list[Rollout], ids: list[int]) -> torch.Tensor:

@@ -1,6 +1,5 @@
 """generate + rl on the tiny model: stored log-probs are pi_sft, the ratio is 1 at step 0,
 only the RL adapter trains, resume, and bad input."""
-import math
 import json
 import shutil
 
@@ -12,7 +11,6 @@ from posttrain import generate, modeling, objectives as O, rl, sft
 from posttrain.rl import credit, plan
 from posttrain.rollout.store import load_set
 from posttrain.train import checkpoint
-from posttrain.config import ConfigError
 from posttrain.data import DataError, Example, collate
 from conftest import RL_ARGS
 
@@ -331,17 +329,3 @@ def test_online_group_stop_with_the_ending_rule_logs_the_penalised_share(run_cfg
     assert steps[-1]["kl"] > 0
 
 
-def test_decision_credit_trains_the_policy_term_only_at_clean_stops(run_cfg):
-    """rl.credit=decisions (the weights themselves: test_decision_weights_*) trains online
-    with the step baseline and the ending rule; it needs the group_stop objective."""
-    cfg = run_cfg("rl.mode=online", "rl.iterations=1", "rl.prompts_per_iteration=2",
-                  "generate.samples_per_prompt=3", "rl.batch_size=3", "rl.grad_accum=1",
-                  "rl.advantage=group_stop", "rl.credit=decisions", "rl.baseline=step",
-                  "reward.ending=-1", "rl.eval_every=0")
-    summary = rl.run(cfg)
-    rows = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if r["stage"] == "rl" and "ratio_mean" in r]
-    assert summary["steps"] == 2 and steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
-    assert all(math.isfinite(r["loss"]) for r in steps)
-    with pytest.raises(ConfigError, match="rl.credit=decisions needs rl.advantage=group_stop"):
-        run_cfg("rl.credit=decisions", "rl.advantage=group")

@@ -149,9 +149,10 @@ def test_help_prints_every_field_with_its_full_docstring():
     assert set(printed) == set(expected)          # every field, nothing else
     for key_line, doc_line in expected.items():
         assert printed[key_line] == doc_line, key_line
-    assert len(expected) == 119  # 110 before the schema was split; + fast.merged_sft,
+    assert len(expected) == 117  # 110 before the schema was split; + fast.merged_sft,
     # model.gqa_attention, model.fp32_cached_attention, fast.length_chunks,
-    # fast.lora_input_casts, fast.sorted_micro, fast.fused_projections, rl.prompt_grad, rl.bond
+    # fast.lora_input_casts, fast.sorted_micro, fast.fused_projections, rl.prompt_grad;
+    # - rl.credit (removed with rl.bond, which came and went)
     # a few in full, as written before the split
     text = describe()
     assert "  rl.iterations = 16\n      online: sampling rounds.\n" in text
@@ -209,8 +210,8 @@ def test_optim_checks_name_their_section(overrides, message):
     (("rl.iterations=0",), "rl.iterations=0 must be > 0"),
     (("rl.epochs=0",), "rl.epochs=0.0 must be > 0"),
     (("rl.clip_eps=1",), "rl.clip_eps=1.0 must be in (0, 1)"),
-    (("rl.credit=decisions",), "rl.credit=decisions needs rl.advantage=group_stop (set "
-                               "rl.stop_weight=0 for the group term alone)"),
+    (("rl.advantage=best_of_n",), "rl.advantage='best_of_n' is not one of 'seed', 'group', "
+                                  "'stop', 'group_stop'"),
     (("rl.kl_control=adaptive_summary", "rl.beta=0"), "rl.beta=0.0 must be > 0"),
     (("rl.kl_control=adaptive",), "rl.kl_control=adaptive is now named for what it steers: "
      "adaptive_token (the reference recipe: the per-token KL) or adaptive_summary (the KL "
@@ -218,7 +219,6 @@ def test_optim_checks_name_their_section(overrides, message):
     (("rl.kl_control=adaptive_token", "rl.loss_agg=summary"),
      "rl.kl_control=adaptive_token steers a per-token KL; with rl.loss_agg=summary use "
      "adaptive_summary or fixed"),
-    (("rl.bond=every",), "rl.bond='every' is not one of 'none', 'set', 'group'"),
     (("rl.eval_every=-1",), "rl.eval_every=-1 must be >= 0"),
     (("rl.keep_checkpoints=0",), "rl.keep_checkpoints=0 must be > 0"),
 ])
@@ -251,3 +251,18 @@ def test_a_stored_config_in_another_key_order_loads_equal(tmp_path):
     f = tmp_path / "config.yaml"   # sorted keys: not the order to_yaml writes
     f.write_text(yaml.safe_dump(yaml.safe_load(to_yaml(cfg)), sort_keys=True))
     assert load_config(str(f)) == cfg
+
+
+def test_a_removed_option_at_todays_behaviour_is_no_difference(tmp_path):
+    """Outputs stored with an option removed since count as made with today's config when
+    its value behaved as the code does now (rl.credit: all), and as another config else."""
+    from posttrain.config import load_config, to_yaml
+    from posttrain.stages import config_diff
+    cfg = load_config(None, (f"out_dir={tmp_path}",))
+    (tmp_path / "rl").mkdir()
+    stored = to_yaml(cfg).replace("rl:\n", "rl:\n  credit: all\n  bond: none\n", 1)
+    (tmp_path / "rl" / "config.yaml").write_text(stored)
+    assert config_diff(cfg, "rl") == []
+    (tmp_path / "rl" / "config.yaml").write_text(stored.replace("credit: all", "credit: x"))
+    assert config_diff(cfg, "rl") == [f"rl.credit: 'x' in {tmp_path / 'rl' / 'config.yaml'}, "
+                                      "None now"]

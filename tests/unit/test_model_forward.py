@@ -268,25 +268,3 @@ def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient
         modeling.policy_logprobs(model, records, [[0, 1]], 0, torch.device("cpu"), False,
                                  prompt_grad=False)
 
-
-def test_policy_logits_agree_on_every_path(tiny_model_dir):
-    """policy_logits (the whole next-token distributions rl.advantage=best_of_n_distill
-    trains on): the shared prompt pass, with and without the prompt's gradient, gives the
-    logits of each sample run alone with its prompt, in policy_logprobs' order."""
-    from posttrain import objectives as O
-    from posttrain.config import ModelConfig
-    from posttrain.model.forward import policy_logits
-    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
-                                     torch.device("cpu"))
-    records = [Example(tuple(p), tuple(c)) for p, c in (
-        ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
-        ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]))]
-    groups, cpu = [[0, 1], [2, 3]], torch.device("cpu")
-    alone = policy_logits(model, records, groups, 0, cpu, False)
-    assert alone.shape[0] == 3 + 1 + 5 + 2
-    for prompt_grad in (True, False):
-        shared = policy_logits(model, records, groups, 0, cpu, True, prompt_grad=prompt_grad)
-        torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
-    targets = torch.tensor([t for g in groups for i in g for t in records[i].completion_ids])
-    got = modeling.policy_logprobs(model, records, groups, 0, cpu, True).tokens
-    torch.testing.assert_close(O.gather_logprobs(alone, targets), got, rtol=1e-5, atol=1e-5)

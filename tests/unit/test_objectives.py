@@ -129,32 +129,6 @@ def test_token_weights_per_token_per_sequence_and_per_summary():
     assert (kl * w).sum().item() == pytest.approx(((0.1 + 0.2 + 0.3) + 0.4) / 2)
 
 
-def test_empirical_cdf_by_hand():
-    ref = torch.tensor([0.0, 1.0, 1.0, 2.0])          # M = 4
-    x = torch.tensor([-5.0, 0.0, 1.0, 1.5, 9.0])
-    # (#below + #equal / 2 + 1/2) / 5
-    expected = torch.tensor([0.5, 1.0, 2.5, 3.5, 4.5]) / 5
-    torch.testing.assert_close(O.empirical_cdf(x, ref), expected)
-
-
-def test_bond_reward_by_hand_and_its_optimum_is_best_of_n():
-    ref = torch.tensor([0.0, 1.0, 2.0])
-    r = torch.tensor([0.0, 2.0, 5.0])
-    # (#below + #equal / 2 + 1/2) / (M + 1): below 0, 2, 3; equal 1, 1, 0
-    f = torch.tensor([1.0, 3.0, 3.5]) / 4
-    torch.testing.assert_close(O.bond_reward(r, ref, 4), 3 * torch.log(f))
-    assert torch.all(O.bond_reward(r, ref, 1) == 0)      # best-of-1 is the reference itself
-    # pi_ref * exp(R) with R = (n-1) log F puts mass F^(n-1) on each draw; on a continuous
-    # reward that is the density of the best of n draws: n F^(n-1) f.
-    torch.manual_seed(0)
-    draws = torch.randn(4000)
-    n = 5
-    w = torch.exp(O.bond_reward(draws, draws, n))
-    tilted_mean = (w * draws).sum() / w.sum()
-    best_mean = torch.randn(20000, n).max(-1).values.mean()
-    assert tilted_mean.item() == pytest.approx(best_mean.item(), abs=0.05)
-
-
 def test_stop_credit_pushes_stopping_where_it_would_have_paid():
     logp_stop = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.5])).requires_grad_()
     stop_reward = torch.tensor([0.0, 1.0, 0.5, 9.0])
@@ -212,15 +186,6 @@ def test_group_stop_loss_on_a_hand_computed_group():
     torch.testing.assert_close(alone, -adv * weight)
 
 
-def test_decision_weights_keep_the_total_on_the_decision_tokens():
-    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    d = torch.tensor([False, True, False, True])
-    out = O.decision_weights(w, d)
-    torch.testing.assert_close(out, torch.tensor([0.0, 1 / 3, 0.0, 2 / 3]))
-    assert out.sum().item() == pytest.approx(w.sum().item())
-    torch.testing.assert_close(O.decision_weights(w, torch.ones(4, dtype=torch.bool)), w)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("stop", [None, 3])
 def test_chunked_logprobs_equal_the_plain_ops(dtype, stop):
@@ -258,98 +223,3 @@ def test_chunked_logprobs_equal_the_plain_ops(dtype, stop):
     torch.testing.assert_close(got["fused"][1], got["plain"][1], rtol=ulp, atol=1e-9)
 
 
-def test_group_best_of_n_weights_by_rank_within_each_group():
-    reward = torch.tensor([0.5, 0.9, 0.1, 0.7, 3.0, 1.0, 1.0])
-    group = torch.tensor([0, 0, 0, 0, 1, 1, 1])
-    w = O.group_best_of_n_weights(reward, group, 2)
-    # group 0 (4 samples) ranks 0.1 < 0.5 < 0.7 < 0.9: C(i, 1) / C(4, 2) = 0, 1, 2, 3 / 6
-    torch.testing.assert_close(w[:4], torch.tensor([1 / 6, 3 / 6, 0.0, 2 / 6]))
-    # group 1 (3 samples): the tie 1.0 = 1.0 goes to the earlier sample: ranks 2, 1, 0
-    torch.testing.assert_close(w[4:], torch.tensor([2 / 3, 1 / 3, 0.0]))
-    # n larger than a group: its best alone
-    torch.testing.assert_close(O.group_best_of_n_weights(reward, group, 9)[4:],
-                               torch.tensor([1.0, 0.0, 0.0]))
-
-
-def test_stop_decision_loss_trains_only_the_stop_probability():
-    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]], requires_grad=True)  # stop = 2
-    logp = torch.log_softmax(logits, -1)
-    stopped = torch.tensor([False, True])
-    loss = O.stop_decision_loss(logp[:, 2], stopped)
-    p = logp[:, 2].exp().detach()
-    torch.testing.assert_close(loss.detach(), torch.stack([-torch.log(1 - p[0]), -torch.log(p[1])]))
-    loss.sum().backward()
-    # going on: the gradient lowers the stop logit and keeps the other tokens' odds
-    g = logits.grad[0]
-    assert g[2] > 0 and g[0] == pytest.approx(g[1] * math.exp(2.0), rel=1e-5)
-
-
-def test_best_of_n_hazard_by_hand():
-    # the reference: lengths 10, 20, 30 with rewards 0, 1, 0 (the middle length is best)
-    ref_r, ref_l = torch.tensor([0.0, 1.0, 0.0]), torch.tensor([10.0, 20.0, 30.0])
-    # F of the reference rewards (ties half): 0 -> (0 + 1 + .5) / 4, 1 -> (2 + .5 + .5) / 4
-    f_lo, f_hi = 1.5 / 4, 3.0 / 4
-    n = 3
-    stop_r = torch.tensor([0.0, 1.0, 0.0, 0.0])
-    prefix = torch.tensor([5.0, 20.0, 25.0, 40.0])
-    shift = O.best_of_n_hazard(stop_r, prefix, ref_r, ref_l, n)
-    go = torch.tensor([(f_lo ** 2 + f_hi ** 2 + f_lo ** 2) / 3,    # longer than 5: all three
-                       f_lo ** 2,                                 # longer than 20: only 30
-                       f_lo ** 2,
-                       f_lo ** 2])                                # past them all: the worst
-    stop = torch.tensor([f_lo, f_hi, f_lo, f_lo]) ** 2
-    torch.testing.assert_close(shift, torch.log(stop / go))
-    assert shift[0] < 0 < shift[1]       # too short: go on; at the best length: stop
-    # best-of-1 is the reference: no shift
-    assert torch.all(O.best_of_n_hazard(stop_r, prefix, ref_r, ref_l, 1).abs() < 1e-6)
-
-
-def test_reward_hazard_by_hand():
-    # the same reference as above; the tilt w = exp(r / beta)
-    ref_r, ref_l = torch.tensor([0.0, 1.0, 0.0]), torch.tensor([10.0, 20.0, 30.0])
-    beta = 0.5
-    stop_r = torch.tensor([0.0, 1.0, -1.0])
-    prefix = torch.tensor([5.0, 20.0, 40.0])
-    shift = O.reward_hazard(stop_r, prefix, ref_r, ref_l, beta)
-    e = math.exp(1 / beta)
-    go = torch.tensor([(1 + e + 1) / 3,     # longer than 5: all three
-                       1.0,                 # longer than 20: only 30 (reward 0)
-                       1.0])                # past them all: the worst reference weight
-    stop = torch.tensor([1.0, e, math.exp(-1 / beta)])
-    torch.testing.assert_close(shift, torch.log(stop / go))
-    # a flat tilt (huge beta) is the reference: no shift
-    assert torch.all(O.reward_hazard(stop_r, prefix, ref_r, ref_l, 1e9).abs() < 1e-6)
-
-
-def test_hazard_loss_targets_the_shifted_stop_probability():
-    ref = torch.log(torch.tensor([0.2, 0.5]))
-    shift = torch.tensor([math.log(3.0), 0.0])
-    # target odds: 0.25 * 3 = 0.75 -> q = 3/7; and 0.5
-    q = torch.tensor([3 / 7, 0.5])
-    logp = torch.log(q).requires_grad_()
-    O.hazard_loss(logp, ref, shift).sum().backward()
-    torch.testing.assert_close(logp.grad, torch.zeros(2), atol=1e-6, rtol=0)   # p = q: minimal
-    low = torch.log(torch.tensor([0.1, 0.1])).requires_grad_()
-    O.hazard_loss(low, ref, shift).sum().backward()
-    assert torch.all(low.grad < 0)       # below the target: descent raises p(stop)
-
-
-def test_teacher_logprobs_shift_only_the_stop_odds():
-    # reference over 3 tokens (stop = 2): probs 0.5, 0.3, 0.2; stop odds 0.25 -> x3 = 0.75
-    ref_logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])) + 7.0   # any offset
-    teacher = O.teacher_logprobs(ref_logits, 2, torch.tensor([math.log(3.0)])).exp()[0]
-    # p(stop) = 0.75 / 1.75 = 3/7; the others keep 5:3 in the remaining 4/7
-    torch.testing.assert_close(teacher, torch.tensor([4 / 7 * 5 / 8, 4 / 7 * 3 / 8, 3 / 7]))
-    assert ref_logits[0, 2] == pytest.approx(math.log(0.2) + 7.0)   # the input is untouched
-
-
-def test_reverse_kl_by_hand_and_its_minimum():
-    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.25, 0.5])
-    by_hand = 0.5 * math.log(2) + 0.25 * math.log(0.5)
-    got = O.reverse_kl(torch.log(p)[None], torch.log(q)[None])
-    assert got.item() == pytest.approx(by_hand, abs=1e-6)
-    logits = torch.log(q)[None].clone().requires_grad_()     # policy = teacher: KL 0, flat
-    kl = O.reverse_kl(logits, torch.log(q)[None])
-    kl.sum().backward()
-    assert kl.item() == pytest.approx(0.0, abs=1e-7)
-    torch.testing.assert_close(logits.grad, torch.zeros(1, 3), atol=1e-6, rtol=0)

@@ -60,24 +60,3 @@ def test_ending_aware_stop_credit_counts_only_clean_stops(run_cfg):
     assert [c.tolist() for c in plain.clean] == [c.tolist() for c in stop.clean]
 
 
-def test_bond_maps_rewards_and_stop_credit_through_the_reference_cdf(run_cfg):
-    from posttrain import objectives as O
-    from posttrain.types import StopCredit
-    reward = torch.tensor([0.9, -1.0, 0.2, 0.5])
-    groups = [7, 7, 9, 9]
-    reference = torch.tensor([0.0, 0.4, 0.8])          # the SFT policy's rewards
-    stop = StopCredit([torch.tensor([0.1, 0.9])] * 4, [torch.ones(2, dtype=torch.bool)] * 4,
-                      [torch.ones(2, dtype=torch.bool)] * 4, [torch.tensor([3.0, 9.0])] * 4)
-    off, same = credit.bond_shaped(reward, stop, reference, groups, run_cfg())
-    assert off is reward and same is stop                # rl.bond=none: untouched
-    cfg = run_cfg("rl.bond=set", "rl.best_of_n=4")
-    shaped, c = credit.bond_shaped(reward, stop, reference, groups, cfg)
-    # F over the 3 reference draws: (#below + 1/2) / 4 -> 3.5/4, 0.5/4, 1.5/4, 2.5/4; times 3
-    torch.testing.assert_close(shaped, 3 * torch.log(torch.tensor([3.5, 0.5, 1.5, 2.5]) / 4))
-    torch.testing.assert_close(c.reward[0], O.bond_reward(torch.tensor([0.1, 0.9]), reference, 4))
-    # rl.bond=group: F of the sample's own group (here: two draws each)
-    shaped, _ = credit.bond_shaped(reward, None, reference, groups,
-                                   run_cfg("rl.bond=group", "rl.best_of_n=4"))
-    # in a group of 2, the better one has F = (1 + 1/2 + 1/2) / 3, the worse (1/2 + 1/2) / 3
-    hi, lo = 3 * torch.log(torch.tensor(2 / 3)), 3 * torch.log(torch.tensor(1 / 3))
-    torch.testing.assert_close(shaped, torch.stack([hi, lo, lo, hi]))
