@@ -52,7 +52,7 @@ _ONLINE = ("rl.mode=online", "rl.max_lr=1e-3", "rl.min_lr=1e-4", "rl.ppo_epochs=
            "rl.group_std=false", "rl.loss_agg=token")
 VARIANTS = {
     "seed-offline": Variant(
-        "the seed's objective: offline set of 512 SFT samples, reward/tokens whitened, "
+        "the reference recipe's objective: offline set of 512 SFT samples, reward/tokens whitened, "
         "lr 3e-4, 1 epoch", _OFFLINE, offline=True),
     "demo-stop": Variant(
         "main's demo: online, stop credit alone, no ending rule, lr 3e-4, 1 PPO epoch",

@@ -23,12 +23,12 @@ EXAMPLES = """examples:
       data.eval=../shared/data/tldr/dev.jsonl
   posttrain sft                                   # one stage of the demo
   posttrain sft out_dir=runs/try lora.rank=8 sft.max_lr=1e-4
-  posttrain rl --config defaults out_dir=runs/seed  # the seed's offline method (the defaults)
+  posttrain rl --config defaults out_dir=runs/ref  # the reference recipe (the defaults)
   posttrain rl --print-config rl.kl_control=adaptive_summary
   accelerate launch --config_file "$(posttrain accelerate-config ddp)" -m posttrain run
 
 Without --config every stage uses the demo's config (the bundled `demo`), as `posttrain run`
-does; `--config defaults` takes the dataclass defaults, which are the seed's method.
+does; `--config defaults` takes the dataclass defaults, which are the reference recipe.
 """
 
 FORCE_HELP = {
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE.yaml", default="demo",
                        help="YAML file whose values override the defaults, or the name of a "
                             "bundled config: " + bundled + f", or "
-                            f"`{DEFAULTS}` (no file: the dataclass defaults, the seed's "
-                            "method). Default: demo")
+                            f"`{DEFAULTS}` (no file: the dataclass defaults, the "
+                            "reference recipe). Default: demo")
         p.add_argument("--force", action="store_true", help=FORCE_HELP.get(name, FORCE_DEFAULT))
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved config (defaults, file, overrides) and exit")

@@ -139,7 +139,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 def per_token_advantages(rewards: torch.Tensor, token_seq: torch.Tensor, clamp: float = 3.0,
                          mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The seed's advantage: each token of sequence s gets reward_s / tokens_s, then the
+    """The reference recipe's advantage: each token of sequence s gets reward_s / tokens_s, then the
     batch's tokens are whitened together and clamped to [-clamp, clamp].
 
     rewards: (S,) float; token_seq: (N,) long, the sequence each token belongs to -> (N,)

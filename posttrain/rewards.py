@@ -1,8 +1,9 @@
 """Length rewards, by name. Each maps the lengths of completions (chars or tokens, as
 configured) to rewards, given the lengths of the whole generated set for its statistics.
 
-    zscore         the seed's 1 - |z|, z = (len - centre) / std over the set; centre = the
-                   set's mean (or `reward.target`): peaks at 1 for an average-length summary
+    zscore         the reference recipe's 1 - |z|, z = (len - centre) / std over the set;
+                   centre = the set's mean (or `reward.target`): peaks at 1 for an
+                   average-length summary
     log_zscore     1 - |z| on log(len): symmetric in ratio, so on a right-skewed set the long
                    tail is not punished far harder than the short side
     target_length  1 - |len - target| / width: peaks at 1 at the length the user asks for
@@ -23,9 +24,9 @@ SENTENCE_END = (".", "!", "?", '"', "'", ")", "]", "*", "\u201d", "\u2019")
 
 
 def is_abrupt(text: str, truncated: bool) -> bool:
-    """An ending the seed called abrupt: cut at the token limit (`truncated`), trailing off
-    in an ellipsis, or stopping mid-sentence (no closing punctuation). The one rule both the
-    ending-aware reward and the eval report use."""
+    """An ending the reference recipe called abrupt: cut at the token limit (`truncated`),
+    trailing off in an ellipsis, or stopping mid-sentence (no closing punctuation). The one
+    rule both the ending-aware reward and the eval report use."""
     t = text.rstrip()
     return truncated or not t or t.endswith(("...", "\u2026")) or not t.endswith(SENTENCE_END)
 
@@ -43,7 +44,8 @@ def _target(cfg: RewardConfig, targets, default):
 
 
 def zscore(lengths, set_lengths, cfg: RewardConfig, targets=None) -> torch.Tensor:
-    """1 - |z|, z = (len - centre) / std (the seed's score is z of -len: the same |z|)."""
+    """1 - |z|, z = (len - centre) / std (the reference recipe's score is z of -len: the
+    same |z|)."""
     mean, std = _mean_std(set_lengths)
     return 1.0 - ((lengths - _target(cfg, targets, mean)) / std).abs()
 

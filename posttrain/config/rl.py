@@ -14,8 +14,8 @@ from posttrain.config.base import ConfigError, OptimConfig, _auto_bool, _choice,
 class RLRun:
     """Which RL runs, and the shape of its optimizer steps and PPO loss."""
     mode: str = "offline"
-    """`offline`: the seed's method, PPO-style passes over the generated set (samples of the
-    SFT policy). `online`: each iteration samples from the current policy
+    """`offline`: the reference recipe, PPO-style passes over the generated set (samples of
+    the SFT policy). `online`: each iteration samples from the current policy
     (generate.samples_per_prompt per prompt, generate's sampling settings), scores the
     samples and takes PPO steps on them; the ratio is against the sampling policy, the KL
     against the frozen SFT model (the same weights with the RL adapter off)."""
@@ -28,7 +28,7 @@ class RLRun:
     lora_dropout: float = 0.0
     """Dropout on the RL adapter's input. 0 keeps the policy deterministic, so the PPO ratio
     measures the update and not dropout noise (and the step skips the dropout work); the
-    seed's config sets 0.1 (lora.dropout is the SFT adapter's)."""
+    reference recipe's config sets 0.1 (lora.dropout is the SFT adapter's)."""
     share_prompt: Union[bool, str] = "auto"
     """Run each prompt once for all its samples in a training step (exact: gradients flow
     through the shared cache). false runs every sample with its own copy of the prompt.

@@ -15,18 +15,18 @@ class GenerateConfig:
     prompts_split: Optional[str] = None
     """Split of `prompts`; null means `data.train_split`."""
     num_samples: int = 512
-    """Completions to generate in all (the seed: 10,000)."""
+    """Completions to generate in all (the reference recipe: 10,000)."""
     samples_per_prompt: int = 4
-    """Completions per drawn prompt, sharing one prompt pass. 1 reproduces the seed's draw
-    (every sample from an independently drawn prompt)."""
+    """Completions per drawn prompt, sharing one prompt pass. 1 reproduces the reference
+    recipe's draw (every sample from an independently drawn prompt)."""
     batch_size: int = 16
     """Prompts per sampling batch (each gives samples_per_prompt rows)."""
     max_new_tokens: int = 300
     """Longest completion; a sample that reaches it without EOS is marked truncated."""
     temperature: float = 1.0
-    """Sampling temperature (the seed: 1)."""
+    """Sampling temperature (the reference recipe: 1)."""
     top_p: float = 1.0
-    """Nucleus sampling mass (the seed: 1, no filtering)."""
+    """Nucleus sampling mass (the reference recipe: 1, no filtering)."""
     target: Optional[int] = None
     """With length-conditioned prompts (data.length_cue): the length every prompt asks for;
     null draws one per prompt from rl.target_range."""

@@ -21,7 +21,7 @@ __all__ = ["DEFAULTS", "Config", "ConfigError", "DataConfig", "EvalConfig", "Fas
            "RewardConfig", "SFTConfig"]
 
 DEFAULTS = "defaults"
-"""`--config defaults`: no file, the dataclass defaults (the seed's method)."""
+"""`--config defaults`: no file, the dataclass defaults (the reference recipe)."""
 
 
 @dataclass(frozen=True)

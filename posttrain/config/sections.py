@@ -185,11 +185,11 @@ class SFTConfig(OptimConfig):
 @dataclass(frozen=True)
 class RewardConfig:
     name: str = "zscore"
-    """`zscore`: the seed's 1 - |z| with z the length's z-score over the generated set.
+    """`zscore`: the reference recipe's 1 - |z| with z the length's z-score over the generated set.
     `log_zscore`: the same on log length (symmetric in ratio). `target_length`:
     1 - |len - target| / width."""
     unit: str = "chars"
-    """Length unit the reward reads: `chars` (the seed) or `tokens`."""
+    """Length unit the reward reads: `chars` (the reference recipe) or `tokens`."""
     target: Optional[float] = None
     """Length to aim at. zscore / log_zscore: the centre (null = the set's mean). target_length:
     required."""
@@ -198,7 +198,7 @@ class RewardConfig:
     ending: Optional[float] = None
     """The reward of a completion with an abrupt ending (cut at the token limit, ending in
     an ellipsis or without closing punctuation: the eval report's rule), in place of its
-    length reward; e.g. -1. null (the seed): length alone."""
+    length reward; e.g. -1. null (the reference recipe): length alone."""
 
     def __post_init__(self):
         _choice(self.name, "reward.name", ("zscore", "log_zscore", "target_length"))

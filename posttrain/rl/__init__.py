@@ -1,5 +1,5 @@
 """The RL stage: PPO-style updates against the frozen SFT policy, offline on the generated
-set (the seed's method; offline.py) or online (`rl.mode: online`; online.py).
+set (the reference recipe; offline.py) or online (`rl.mode: online`; online.py).
 
 The behaviour log-probabilities recorded at generation are pi_sft for those tokens, so the
 ratio's denominator and the KL reference need no second model and no second forward pass;

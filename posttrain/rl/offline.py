@@ -1,4 +1,4 @@
-"""Offline RL (the seed's method): PPO-style passes over the generated set, whose samples
+"""Offline RL (the reference recipe): PPO-style passes over the generated set, whose samples
 (and recorded log-probs) are the SFT policy's."""
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ MODULES = {"sft": sft, "generate": generate, "rl": rl, "eval": evaluate}
 
 
 def _cli(stage, *args):
-    """The real CLI on the dataclass defaults (the seed's offline method), not the demo."""
+    """The real CLI on the dataclass defaults (the reference recipe, offline), not the demo."""
     return [sys.executable, "-m", "posttrain", stage, "--config", "defaults", *args]
 
 

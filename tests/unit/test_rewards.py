@@ -55,7 +55,7 @@ def test_the_ending_rule_penalises_abrupt_completions_in_place_of_their_length_r
     assert abrupt == [a for _, _, a in ENDINGS]
     r = rewards.compute(lengths, SET, RewardConfig(ending=-1.0), abrupt=abrupt)
     assert r.tolist() == [-1.0 if a else 1.0 for a in abrupt]
-    # off (the seed's default): the length alone, whatever the ending
+    # off (the reference recipe's default): the length alone, whatever the ending
     assert rewards.compute(lengths, SET, RewardConfig(), abrupt=abrupt).tolist() == [1.0] * len(ENDINGS)
     # a clean ending keeps its length reward, however far from the centre
     far = rewards.compute([40.0, 40.0], SET, RewardConfig(ending=-0.5), abrupt=[False, True])
