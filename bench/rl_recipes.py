@@ -45,8 +45,9 @@ class Variant:
 
 # Every variant spells out the keys it depends on, so it means the same whatever the base
 # config's RL section holds (a later key=value wins over an earlier one).
-_OFFLINE = ("rl.mode=offline", "rl.advantage=seed", "reward.ending=null", "rl.max_lr=3e-4",
-            "rl.min_lr=3e-5", "rl.epochs=1", "rl.kl_control=adaptive_token", "rl.beta=0.01")
+_OFFLINE = ("rl.mode=offline", "rl.advantage=per_token", "reward.ending=null",
+            "rl.max_lr=3e-4", "rl.min_lr=3e-5", "rl.epochs=1", "rl.kl_control=adaptive_token",
+            "rl.beta=0.01")
 _ONLINE = ("rl.mode=online", "rl.max_lr=1e-3", "rl.min_lr=1e-4", "rl.ppo_epochs=2",
            "reward.ending=-1", "rl.kl_control=adaptive_token", "rl.beta=0.01", "rl.baseline=group",
            "rl.group_std=false", "rl.loss_agg=token")

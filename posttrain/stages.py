@@ -77,6 +77,7 @@ IGNORED = {"checkpoint_every", "keep_checkpoints", "push_to_hub"}
 # options removed since, each with the value that behaves as the code does now: outputs
 # stored with that value were made as today's would be; any other value is a difference
 REMOVED = {"rl.credit": "all", "rl.bond": "none", "rl.tilt_beta": 0.0}
+RENAMED = {("rl.advantage", "seed"): "per_token"}   # (key, old value): its name now
 STALE = "stale.json"   # in the run directory: stages made from outputs redone since
 
 
@@ -108,7 +109,8 @@ def config_diff(cfg: Config, stage: str) -> list[str]:
     now = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
     a = _flat({k: stored.get(k) for k in sections})
     b = _flat({k: now.get(k) for k in sections})
-    a = {k: v for k, v in a.items() if not (k in REMOVED and k not in b and v == REMOVED[k])}
+    a = {k: RENAMED.get((k, v), v) if isinstance(v, str) else v for k, v in a.items()
+         if not (k in REMOVED and k not in b and v == REMOVED[k])}
     return [f"{k}: {a.get(k)!r} in {stored_file}, {b.get(k)!r} now"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 

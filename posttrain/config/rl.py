@@ -112,14 +112,14 @@ class RLOptim(OptimConfig):
 @dataclass(frozen=True)
 class RLAdvantage:
     """How a sample's reward becomes the advantage each of its tokens is trained with."""
-    advantage: str = "seed"
-    """`seed`: reward / completion tokens on every token, whitened over the step's tokens and
-    clamped. `group`: reward minus the mean reward of the samples of the same prompt (one
-    value for all of a sample's tokens), divided by the group's std if `group_std`. `stop`:
-    counterfactual credit for the stop decision at every position (the reward had the sample
-    stopped there, minus the reward it got), applied to the policy's EOS probability.
-    `group_stop`: both `group` on every token and `stop` (scaled by `stop_weight`) in one
-    loss. With
+    advantage: str = "per_token"
+    """`per_token` (the reference recipe's; `seed` is the same, its old name): reward /
+    completion tokens on every token, whitened over the step's tokens and clamped. `group`:
+    reward minus the mean reward of the samples of the same prompt (one value for all of a
+    sample's tokens), divided by the group's std if `group_std`. `stop`: counterfactual
+    credit for the stop decision at every position (the reward had the sample stopped
+    there, minus the reward it got), applied to the policy's EOS probability. `group_stop`:
+    both `group` on every token and `stop` (scaled by `stop_weight`) in one loss. With
     reward.ending set, the stop credit counts only positions where stopping would end
     cleanly (stopping mid-sentence has no counterfactual: the group term punishes it)."""
     group_std: bool = False
@@ -137,7 +137,9 @@ class RLAdvantage:
     """Whitened advantages are clamped to [-adv_clamp, adv_clamp]."""
 
     def _check_advantage(self) -> None:
-        _choice(self.advantage, "rl.advantage", ("seed", "group", "stop", "group_stop"))
+        if self.advantage == "seed":   # the old name of per_token
+            object.__setattr__(self, "advantage", "per_token")
+        _choice(self.advantage, "rl.advantage", ("per_token", "group", "stop", "group_stop"))
         _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
         _choice(self.baseline, "rl.baseline", ("group", "step"))
         _positive(self.adv_clamp, "rl.adv_clamp")

@@ -63,7 +63,7 @@ def step_advantages(reward: torch.Tensor, lengths: torch.Tensor, group: torch.Te
         if cfg.rl.baseline == "step":   # one baseline for the whole step: every prompt
             group = torch.zeros_like(group)
         adv = O.group_advantages(reward, group, cfg.rl.group_std)[token_seq]
-    else:  # seed (stop uses it for the ratio and clip metrics only)
+    else:  # per_token (stop uses it for the ratio and clip metrics only)
         adv = O.per_token_advantages(reward, token_seq, cfg.rl.adv_clamp)
     if cfg.rl.advantage == "stop":  # stop credit is summed over a sample's positions
         return adv, torch.full(token_seq.shape, 1.0 / len(lengths))

@@ -194,7 +194,7 @@ def test_version_print_config_and_launch_files(capsys):
     assert cli.main(["run", "--print-config"]) == 0
     assert capsys.readouterr().out == bare and "out_dir: runs/demo" in bare
     assert cli.main(["rl", "--config", "defaults", "--print-config"]) == 0
-    assert "advantage: seed" in capsys.readouterr().out    # the reference recipe
+    assert "advantage: per_token" in capsys.readouterr().out    # the reference recipe
     for name in cli.LAUNCH_FILES:
         assert cli.main(["accelerate-config", name]) == 0
         path = Path(capsys.readouterr().out.strip())

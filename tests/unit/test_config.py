@@ -210,8 +210,8 @@ def test_optim_checks_name_their_section(overrides, message):
     (("rl.iterations=0",), "rl.iterations=0 must be > 0"),
     (("rl.epochs=0",), "rl.epochs=0.0 must be > 0"),
     (("rl.clip_eps=1",), "rl.clip_eps=1.0 must be in (0, 1)"),
-    (("rl.advantage=best_of_n",), "rl.advantage='best_of_n' is not one of 'seed', 'group', "
-                                  "'stop', 'group_stop'"),
+    (("rl.advantage=best_of_n",),
+     "rl.advantage='best_of_n' is not one of 'per_token', 'group', 'stop', 'group_stop'"),
     (("rl.kl_control=adaptive_summary", "rl.beta=0"), "rl.beta=0.0 must be > 0"),
     (("rl.kl_control=adaptive",), "rl.kl_control=adaptive is now named for what it steers: "
      "adaptive_token (the reference recipe: the per-token KL) or adaptive_summary (the KL "
@@ -253,14 +253,19 @@ def test_a_stored_config_in_another_key_order_loads_equal(tmp_path):
     assert load_config(str(f)) == cfg
 
 
-def test_a_removed_option_at_todays_behaviour_is_no_difference(tmp_path):
+def test_a_removed_or_renamed_option_at_todays_behaviour_is_no_difference(tmp_path):
     """Outputs stored with an option removed since count as made with today's config when
-    its value behaved as the code does now (rl.credit: all), and as another config else."""
+    its value behaved as the code does now (rl.credit: all), and as another config else; a
+    value stored under its old name (rl.advantage: seed) is today's (per_token)."""
     from posttrain.config import load_config, to_yaml
     from posttrain.stages import config_diff
     cfg = load_config(None, (f"out_dir={tmp_path}",))
+    assert cfg.rl.advantage == "per_token"
+    assert load_config(None, ("rl.advantage=seed",)).rl.advantage == "per_token"
     (tmp_path / "rl").mkdir()
     stored = to_yaml(cfg).replace("rl:\n", "rl:\n  credit: all\n  bond: none\n", 1)
+    assert "advantage: per_token" in stored
+    stored = stored.replace("advantage: per_token", "advantage: seed")
     (tmp_path / "rl" / "config.yaml").write_text(stored)
     assert config_diff(cfg, "rl") == []
     (tmp_path / "rl" / "config.yaml").write_text(stored.replace("credit: all", "credit: x"))
