@@ -20,9 +20,9 @@ Each case times `--warmup` steps it throws away, then `--steps` steps, and repor
 Cases: `ours` is the config as given (all fast paths on). `rl/naive` is the plain way: a
 second, separate reference model run forward on every step, every sample with its own copy
 of its prompt, the LM head at every position and a full-vocabulary log-softmax. Every other
-case switches one fast path off, except `*/bf16-weights`, `rl/fused-projections` and
-`rl/no-prompt-grad`, which switch one on that is off by default (model.frozen_dtype=compute:
-frozen base weights stored in bf16; fast.fused_projections; rl.prompt_grad=false, a
+case switches one fast path off, except `*/bf16-weights` and `rl/no-prompt-grad`, which
+switch one on that is off by default (model.frozen_dtype=compute: frozen base weights
+stored in bf16; rl.prompt_grad=false, a
 cheaper gradient, not the same one: no backward through the prompt, so its MFU, counted
 with the same model FLOPs as the others, is not the work it did; with rl.share_prompt=true,
 which it needs, so on CUDA it also shares the prompt where `ours` does not).
@@ -81,7 +81,6 @@ CASES = {  # name -> config overrides (and, for rl/naive, the separate reference
     "rl/unmerged-sft": ("fast.merged_sft=false",),
     "rl/repeated-kv-heads": ("model.gqa_attention=false",),
     "rl/lora-input-casts": ("fast.lora_input_casts=true",),
-    "rl/fused-projections": ("fast.fused_projections=true",),
     "rl/one-completion-pass": ("fast.length_chunks=false",),
     "rl/bf16-cached-attention": ("model.fp32_cached_attention=false",),
     "rl/micro-in-draw-order": ("fast.sorted_micro=false",),

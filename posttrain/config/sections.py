@@ -235,13 +235,6 @@ class FastConfig:
     the prompts that share a prompt pass (and its cache) are alike in length and little
     left padding is computed. The step trains on the same samples; its gradient is the
     same sum (up to float rounding). false: the micro-batches in the seeded draw order."""
-    fused_projections: bool = False
-    """RL's dropout-free LoRA layers that read one input (q/k/v, gate/up) run as one: the
-    frozen weights side by side in one matmul, the A matrices stacked in another, the B's
-    added by one `addmm` (posttrain/model/fused.py); o_proj and down_proj get the addmm
-    alone. The same sum (bf16 rounds it differently): 3 matmuls for q/k/v where peft runs 9
-    and 6 elementwise passes. Off by default: on the 2-core AMD EPYC it bought nothing
-    (paired step time ratios 1.006 and 1.016, README). false: peft's forward."""
     lora_input_casts: bool = False
     """peft upcasts a LoRA layer's bf16 input to the adapter's fp32 before the adapter's
     matmul, which autocast then casts back to bf16: the same numbers, two copies per layer.

@@ -12,7 +12,6 @@ import torch
 
 from posttrain.config import LoraConfig
 from posttrain.io import atomic_dir, read_json
-from posttrain.model.fused import fuse_projections
 from posttrain.model.load import (ModelError, autocast, check_context, load_base_model,
                                   store_frozen)
 
@@ -112,7 +111,7 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
     if merge:  # in fp32, before the frozen weights are stored in their dtype
         with quiet_peft():
             model = store_frozen(model.merge_and_unload(), cfg.model, device)
-        return model if rl is None else _rl_fast_paths(_with_rl(model, cfg, rl), cfg)
+        return model if rl is None else _skip_input_casts(_with_rl(model, cfg, rl), cfg)
     store_frozen(model, cfg.model, device)
     # The SFT adapter is frozen: no dropout on it even in train mode, or pi_sft would be
     # noisy in the ratio and the KL.
@@ -127,13 +126,6 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
     else:
         model.load_adapter(str(rl), adapter_name=RL, is_trainable=True)
     _activate(model, (SFT, RL))
-    return _rl_fast_paths(model, cfg)
-
-
-def _rl_fast_paths(model, cfg):
-    """The RL policy's LoRA fast paths: fused projections, no input casts."""
-    if cfg.fast.fused_projections:
-        fuse_projections(model)
     return _skip_input_casts(model, cfg)
 
 

@@ -1,6 +1,5 @@
 """Device-dependent `auto` settings (model/choices.py), with the device mocked; the frozen
 weights' storage (model.frozen_dtype) and the merged SFT adapter (fast.merged_sft)."""
-import copy
 import json
 
 import pytest
@@ -197,106 +196,6 @@ def test_merged_sft_keeps_the_base_when_asked(tiny_cfg, tmp_path):
     assert list(kept.peft_config) == ["sft"]
     merged = modeling.load_policy(cfg, CPU, sft)
     assert not hasattr(merged, "peft_config")
-
-
-# ---------------------------------------------------------------- fused projections
-
-def _rl_logprobs_and_grads(model, x, dtype):
-    from posttrain import objectives as O
-    model.zero_grad(set_to_none=True)
-    with modeling.autocast(CPU, dtype):
-        logits = model(input_ids=x).logits[0, :-1]
-    lp = O.gather_logprobs(logits, x[0, 1:]).float()
-    lp.sum().backward()
-    return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                         if p.grad is not None}
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fused_projections_are_the_same_sum(tiny_cfg, tmp_path, precision):
-    """fast.fused_projections: q/k/v and gate/up as one matmul each (plus the stacked
-    LoRA pair) give the per-projection policy's log-probs and RL gradients: in float64 to
-    1e-10 (the same math), fp32 to float rounding, bf16 within its rounding (the adapter's
-    product is rounded once, not three times); with the RL adapter disabled it is the SFT
-    policy."""
-    if precision == "bf16" and not modeling.bf16_supported(CPU):
-        pytest.skip("this CPU has no bf16")
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    x = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
-    over = (f"model.precision={precision}", "rl.lora_dropout=0")
-    sft = _random_sft_adapter(tiny_cfg(*over), tmp_path / "sft")
-    out, models = {}, {}
-    for fused in (False, True):
-        cfg = tiny_cfg(*over, f"fast.fused_projections={str(fused).lower()}")
-        model = modeling.load_policy(cfg, CPU, sft, rl="new").train()
-        _nudge_rl(model)
-        models[fused] = model
-        out[fused] = _rl_logprobs_and_grads(model, x, dtype)
-        if precision == "bf16":   # the same weights without autocast: the exact sum
-            out[fused, "f32"] = _rl_logprobs_and_grads(copy.deepcopy(model).float(), x,
-                                                       torch.float32)
-        if precision == "fp32":
-            out[fused, "f64"] = _rl_logprobs_and_grads(copy.deepcopy(model).double(), x,
-                                                       torch.float32)
-    attn = models[True].get_base_model().model.layers[0].self_attn
-    assert type(attn.q_proj).__name__ == "FusedLinear"
-    assert type(models[False].get_base_model().model.layers[0].self_attn.q_proj).__name__ \
-        == "Linear"
-    # the frozen weights are rows of one side-by-side copy, not a second copy
-    q, k = attn.q_proj.base_layer.weight, attn.k_proj.base_layer.weight
-    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
-    if precision == "fp32":
-        torch.testing.assert_close(out[True, "f64"][0], out[False, "f64"][0], rtol=0,
-                                   atol=1e-10)
-        for name, g in out[False, "f64"][1].items():
-            torch.testing.assert_close(out[True, "f64"][1][name], g, rtol=0,
-                                       atol=1e-10 * g.abs().max().item())
-    assert out[True][1].keys() == out[False][1].keys() and len(out[True][1]) == \
-        2 * 7 * 2    # A and B of 7 projections in 2 layers
-    if precision == "fp32":
-        torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=1e-5)
-        for name, g in out[False][1].items():
-            assert g.abs().max() > 0, name
-            torch.testing.assert_close(out[True][1][name], g, rtol=0,
-                                       atol=1e-4 * g.abs().max().item())
-    else:  # bf16: each path about as far from the exact sum (its weights in fp32) as the
-        # other (a wrong scale or slice would be off by O(1))
-        exact = out[False, "f32"]
-
-        def errors(got):
-            rel = [((got[1][n] - g).norm() / g.norm()).item() for n, g in exact[1].items()]
-            return (got[0] - exact[0]).abs().max().item(), sum(rel) / len(rel)
-        (lp_fused, grad_fused), (lp_plain, grad_plain) = errors(out[True]), errors(out[False])
-        assert lp_fused <= 3 * lp_plain + 1e-2, (lp_fused, lp_plain)
-        assert grad_fused <= 2 * grad_plain + 1e-2, (grad_fused, grad_plain)
-    # a copy (the merged sampler's) mid-group: its own members, no outputs in flight
-    with modeling.autocast(CPU, dtype):
-        attn.q_proj(torch.randn(1, 3, 64))
-    assert set(attn.q_proj._posttrain_group.pending) == {1, 2}
-    twin_model = copy.deepcopy(models[True])
-    twin = twin_model.get_base_model().model.layers[0].self_attn
-    group = twin.q_proj._posttrain_group
-    assert group.members == [twin.q_proj, twin.k_proj, twin.v_proj] and not group.pending
-    torch.testing.assert_close(_rl_logprobs_and_grads(twin_model, x, dtype)[0],
-                               out[True][0], rtol=0, atol=0)
-    # disabled (the frozen SFT policy) it runs peft's forward, and agrees too
-    with torch.no_grad(), modeling.sft_only(models[True]), modeling.sft_only(models[False]), \
-            modeling.autocast(CPU, dtype):
-        torch.testing.assert_close(_logprobs(models[True], x), _logprobs(models[False], x),
-                                   rtol=0, atol=1e-5)
-
-
-def test_fused_projections_leave_dropout_alone(tiny_cfg, tmp_path):
-    """A LoRA layer with dropout draws its own mask per projection: it is not fused."""
-    cfg = tiny_cfg("rl.lora_dropout=0.1", "fast.fused_projections=true")
-    sft = _random_sft_adapter(cfg, tmp_path / "sft")
-    model = modeling.load_policy(cfg, CPU, sft, rl="new").train()
-    from posttrain.model.fused import _fusable
-    group = model.get_base_model().model.layers[0].self_attn.q_proj._posttrain_group
-    assert not _fusable(group)
-    x = torch.tensor([[3, 4, 5, 6, 7, 8]])
-    model(input_ids=x).logits.sum().backward()   # peft's own forward, gradients flow
-    assert group.x is None and not group.pending
 
 
 def test_no_prompt_grad_needs_the_shared_prompt_pass():
