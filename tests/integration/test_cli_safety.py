@@ -282,8 +282,8 @@ def test_kill_9_during_a_forced_redo_keeps_the_old_outputs_and_resumes(run_copy,
               "the second checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    now = _snapshot(run_copy)
-    assert {k: v for k, v in now.items() if not k.startswith(".redo-sft")} == before
+    now = _snapshot(run_copy)     # the killed command's lock file stays (it blocks nothing)
+    assert {k: v for k, v in now.items() if not k.startswith((".redo-sft", ".lock"))} == before
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming the redo" in r.stdout and "resuming from" in r.stdout
@@ -489,15 +489,26 @@ def test_a_full_disk_is_one_clear_error(error, tmp_path, monkeypatch, capsys):
         cli.main(["sft", "--config", "defaults", f"out_dir={tmp_path / 'run'}"])
 
 
-def test_truncated_weights_are_one_clear_error(tiny_model_dir, tmp_path, capsys):
+def test_truncated_weights_are_one_clear_error(tiny_model_dir, tmp_path):
     """A local model whose model.safetensors was cut short (an interrupted copy or
     download): one line naming the model and what to do."""
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    rc = cli.main(["sft", "--config", "defaults", f"model.name={model}",
-                   f"out_dir={tmp_path / 'run'}"])
-    err = capsys.readouterr().err
-    assert rc == 2 and f"model.name='{model}'" in err, err
-    assert "damaged or incomplete" in err and "download or copy the model again" in err, err
+    r = _cli("sft", f"model.name={model}", f"out_dir={tmp_path / 'run'}")
+    _one_error(r, f"model.name='{model}'", "damaged or incomplete",
+               "download or copy the model again")
+
+
+def test_the_lock_file_goes_with_its_command(tmp_path):
+    """A finished command leaves no lock file; a file left by a killed holder does not
+    block the next command, which takes it over."""
+    from posttrain.lock import LOCK, out_dir_lock
+    with out_dir_lock(tmp_path, "posttrain plot"):
+        assert (tmp_path / LOCK).is_file()
+    assert not (tmp_path / LOCK).exists()
+    (tmp_path / LOCK).write_text('{"pid": 1, "command": "posttrain sft"}')   # a dead holder's
+    with out_dir_lock(tmp_path, "posttrain plot"):
+        assert "posttrain plot" in (tmp_path / LOCK).read_text()
+    assert not (tmp_path / LOCK).exists()
