@@ -14,6 +14,7 @@ import yaml
 from conftest import TINY
 
 
+@pytest.mark.slow
 def test_throughput_bench_runs_each_kind_of_case(tiny_model_dir, tmp_path):
     script = Path(__file__).parents[2] / "bench" / "throughput.py"
     out = tmp_path / "bench.json"
@@ -34,6 +35,7 @@ def test_throughput_bench_runs_each_kind_of_case(tiny_model_dir, tmp_path):
     assert len(naive["step_times"]) == 1 and naive["paired_vs_ours"] > 0
 
 
+@pytest.mark.slow
 def test_recipe_bench_runs_variants_saves_and_skips(tiny_model_dir, tmp_path):
     """bench/rl_recipes.py on the tiny model: an offline and an online variant on one seed,
     each judged against the shared SFT; a re-run takes the saved results."""
@@ -59,6 +61,7 @@ def test_recipe_bench_runs_variants_saves_and_skips(tiny_model_dir, tmp_path):
     assert bad.returncode != 0 and "unknown variant" in bad.stderr
 
 
+@pytest.mark.slow
 def test_recipe_bench_judges_variants_against_the_frontier(tiny_model_dir, tmp_path):
     """On the tiny model, a variant with the KL per token and one with the KL summed per
     summary: each is judged with its KL per summary and stands against the SFT's best-of-N

@@ -201,6 +201,7 @@ def test_version_print_config_and_launch_files(capsys):
         assert path.is_file() and path.name == f"{name}.yaml"
 
 
+@pytest.mark.slow
 def test_eval_of_the_base_model_alone_and_its_report_path(tmp_path, args):
     out = tmp_path / "run"
     r = _cli("eval", *args(out, "eval.models=[base]"))
@@ -243,6 +244,7 @@ def test_forced_redo_with_bad_data_loses_nothing_then_redoes(run_copy, args, tmp
         after["sft/adapter/adapter_model.safetensors"]
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_nothing_that_refuses_the_fix(tmp_path, args):
     out = tmp_path / "run"
     r = _cli("sft", *args(out, f"model.name={tmp_path / 'no-such-model'}"))
@@ -253,6 +255,7 @@ def test_a_failed_start_leaves_nothing_that_refuses_the_fix(tmp_path, args):
     assert (out / "sft" / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_force_with_the_same_config_redoes_the_stage(run_copy, args):
     made = (run_copy / "rl" / "summary.json").stat().st_mtime_ns
     r = _cli("rl", *args(run_copy))
@@ -272,6 +275,7 @@ def _wait_for(cond, proc, what, limit=300):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_forced_redo_keeps_the_old_outputs_and_resumes(run_copy, args):
     before = _snapshot(run_copy)
     cmd = [sys.executable, "-m", "posttrain", "sft", "--force", "--config", "defaults",
@@ -291,6 +295,7 @@ def test_kill_9_during_a_forced_redo_keeps_the_old_outputs_and_resumes(run_copy,
     assert "max_lr: 0.001" in (run_copy / "sft" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_kill_9_during_run_force_then_the_same_command_goes_on(run_copy, args):
     sft_summary = run_copy / "sft" / "summary.json"
     old_sft = sft_summary.read_bytes()
@@ -322,6 +327,7 @@ class Crash(BaseException):
     """Stands for a kill -9 at one file-system step."""
 
 
+@pytest.mark.slow
 def test_a_crash_at_any_step_of_the_swap_loses_nothing_and_recovers(run_copy, args, tmp_path,
                                                                     monkeypatch):
     """A finished redo of SFT is swapped in with a crash at the n-th rename (every rename of

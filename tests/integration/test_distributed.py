@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -31,6 +32,7 @@ def _launch(tmp_path, overrides, **env):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_data_and_agree_on_the_weights(tiny_model_dir, tmp_path):
     overrides = TINY + (
         f"out_dir={tmp_path / 'run'}", f"model.name={tiny_model_dir}", "sft.batch_size=2",
@@ -64,6 +66,7 @@ def test_two_processes_split_the_data_and_agree_on_the_weights(tiny_model_dir, t
                                                                     "view"}
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_process_stops_both(tiny_model_dir, tmp_path):
     """A non-finite loss on one rank stops every rank at the same step (none hangs in an
     all-reduce the other left), naming the step."""
@@ -75,6 +78,7 @@ def test_a_nan_on_one_process_stops_both(tiny_model_dir, tmp_path):
     assert not (tmp_path / "run" / "sft" / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_each_process_random_state(tiny_model_dir, tmp_path):
     """Killed after its first checkpoint, a 2-process SFT run (LoRA dropout on) resumes to the
     weights of an uninterrupted one: each process gets back its own RNG state, and the two
@@ -112,6 +116,7 @@ def test_a_bad_key_under_accelerate_launch_is_reported_once(tmp_path):
     assert (r.stdout + r.stderr).count("unknown config key 'sft.nope'") == 1, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_eval_alone_under_accelerate_launch_runs_on_the_main_process(tiny_model_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "run"

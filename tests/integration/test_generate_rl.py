@@ -83,6 +83,7 @@ def test_generate_stores_pi_sft_logprobs_and_scores(run_cfg):
     assert generate.run(cfg) == stats
 
 
+@pytest.mark.slow
 def test_rl_ratio_is_one_at_step_zero_and_only_rl_adapter_trains(run_cfg):
     cfg = run_cfg("rl.kl_control=adaptive_token")
     generate.run(cfg)
@@ -111,6 +112,7 @@ def test_rl_ratio_is_one_at_step_zero_and_only_rl_adapter_trains(run_cfg):
         assert (policy(input_ids=x).logits - plain(input_ids=x).logits).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_offline_reference_forward_matches_the_recorded_log_probs(run_cfg):
     """fast.recorded_reference=false (a reference forward each step, adapter off) trains
     like the recorded reference: KL 0 at step 0, the same first step."""
@@ -127,6 +129,7 @@ def test_offline_reference_forward_matches_the_recorded_log_probs(run_cfg):
         assert metrics[False][key] == pytest.approx(metrics[True][key], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_rl_resume_matches_uninterrupted(run_cfg, tmp_path, monkeypatch):
     ref = run_cfg()
     generate.run(ref)
@@ -190,6 +193,7 @@ def test_rl_refuses_a_set_sampled_at_another_temperature(run_cfg):
         rl.run(cfg)
 
 
+@pytest.mark.slow
 def test_group_advantages_with_sequence_aggregation(run_cfg):
     cfg = run_cfg("rl.advantage=group", "rl.group_std=true", "rl.loss_agg=sequence")
     reward = torch.tensor([1.0, 0.0, 0.5, 0.5])
@@ -236,6 +240,7 @@ def test_a_set_without_completion_tokens_is_refused(run_cfg):
         rl.run(cfg)
 
 
+@pytest.mark.slow
 def test_online_rounds_train_resume_and_log(run_cfg, tmp_path, monkeypatch):
     args = ("rl.mode=online", "rl.iterations=3", "rl.prompts_per_iteration=2",
             "generate.samples_per_prompt=3", "rl.batch_size=3", "rl.grad_accum=1",
@@ -313,6 +318,7 @@ def test_vllm_backend_records_are_scored_by_the_sft_policy(run_cfg, monkeypatch)
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_online_group_stop_with_the_ending_rule_logs_the_penalised_share(run_cfg):
     cfg = run_cfg("rl.mode=online", "rl.iterations=2", "rl.prompts_per_iteration=2",
                   "generate.samples_per_prompt=3", "rl.batch_size=3", "rl.grad_accum=1",

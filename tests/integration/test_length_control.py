@@ -11,6 +11,7 @@ from posttrain.data import requested_length
 from conftest import CUE
 
 
+@pytest.mark.slow
 def test_conditioned_pipeline_on_the_tiny_model(tiny_model_dir, tmp_path, tiny_args):
     cfg = load_config(None, tiny_args(
         tiny_model_dir, tmp_path / "run", f'data.length_cue="{CUE}"', "rl.target_range=[20,60]",

@@ -85,6 +85,7 @@ def test_second_run_skips_every_stage(finished, capsys):
     assert "variance ratio SFT/RL" in out and "viewer:" in out
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_unless_forced(finished, tmp_path, tiny_args):
     cfg, _ = finished
     work = tmp_path / "copy"
@@ -99,6 +100,7 @@ def test_changed_config_is_refused_unless_forced(finished, tmp_path, tiny_args):
     assert "max_lr: 0.005" in (work / "rl" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_kill_between_stages_then_resume(tiny_model_dir, tmp_path, tiny_args):
     out = tmp_path / "run"
     (tmp_path / "tiny.yaml").write_text("seed: 42\n")   # the defaults (offline RL), not the demo
@@ -145,6 +147,7 @@ def dump_dom(html: Path, fragment: str = "") -> str:
     return r.stdout
 
 
+@pytest.mark.slow   # a real browser
 def test_viewer_renders_samples_as_text_in_browser(tmp_path):
     dom = dump_dom(hostile_page(tmp_path))
     assert 'class="card"' in dom and "showing 2 of 2 prompts" in dom
@@ -156,6 +159,7 @@ def test_viewer_renders_samples_as_text_in_browser(tmp_path):
     assert 'x" onerror="alert(4) rl' in dom
 
 
+@pytest.mark.slow   # a real browser
 def test_viewer_filter_and_sort_in_browser(tmp_path):
     page = hostile_page(tmp_path)
     dom = dump_dom(page, "#q=zebra")
@@ -167,6 +171,7 @@ def test_viewer_filter_and_sort_in_browser(tmp_path):
     assert dom.index('data-index="1"') < dom.index('data-index="0"')
 
 
+@pytest.mark.slow   # a real browser
 def test_viewer_of_a_real_run_in_browser(finished):
     cfg, _ = finished
     dom = dump_dom(cfg.run_dir / "view" / "index.html")

@@ -62,6 +62,7 @@ def _lora(path: Path) -> dict:
     return load_file(str(path / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "generate", "rl", "eval"])
 def test_kill_9_mid_stage_then_resume_gives_the_uninterrupted_result(
         stage, reference, tiny_model_dir, tiny_args, tmp_path):
@@ -111,6 +112,7 @@ def _strip_times(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not timing.search(k)} for r in rows]
 
 
+@pytest.mark.slow
 def test_same_seed_same_results_environment_recorded_token_never_written(
         reference, tiny_model_dir, tiny_args, tmp_path, monkeypatch):
     secret = "hf_SECRETtoken1234567890"
@@ -133,6 +135,7 @@ def test_same_seed_same_results_environment_recorded_token_never_written(
             assert secret.encode() not in f.read_bytes(), f
 
 
+@pytest.mark.slow
 def test_stage_alone_refuses_inputs_or_outputs_made_with_another_config(reference, tmp_path,
                                                                          tiny_model_dir,
                                                                          tiny_args):

@@ -12,6 +12,7 @@ from posttrain.data import load_rows, tokenize_rows
 from conftest import _tiny
 
 
+@pytest.mark.slow
 def test_sft_lowers_loss_and_changes_only_lora(tiny_cfg):
     cfg = tiny_cfg("sft.epochs=3")
     summary = sft.run(cfg)
@@ -48,6 +49,7 @@ class _NoAccelerator:
         return nullcontext()
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_schedule(tiny_cfg, monkeypatch):
     reference = sft.run(tiny_cfg("sft.epochs=2", "out_dir=" + str(tiny_cfg().run_dir) + "-ref"))
     ref_weights = load_file(str(tiny_cfg().run_dir.parent / "run-ref/sft/adapter/adapter_model.safetensors"))
