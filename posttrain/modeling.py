@@ -1,6 +1,6 @@
 """The policy's public entry points in one place (the README documents
 `posttrain.modeling.load_policy`): loading, adapters and the forward passes live in
-posttrain/model/; this module names them for users and for code written before the split."""
+posttrain/model/; this module names them for users."""
 from __future__ import annotations
 
 from posttrain.model.adapters import (RL, SFT, add_lora, load_adapter, load_policy,  # noqa: F401

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-# every stage's module, loaded up front as before (a broken one fails before any stage runs);
+# every stage's module, loaded up front (a broken one fails before any stage runs);
 # the stages are run through the registry (`STAGES[name].run`)
 from posttrain import evaluate, generate, plot, rl, sft, view  # noqa: F401
 from posttrain.config import Config, ConfigError, to_yaml

@@ -63,7 +63,7 @@ class Sample:
     ended_with_eos: bool
 
 
-# the on-disk row's keys, in the order every writer has always used
+# the on-disk row's keys, in the order every writer uses
 ROW_KEYS = ("group", "prompt", "prompt_ids", "completion", "completion_ids", "logprobs",
             "stop_logprobs", "ended_with_eos", "truncated", "length_chars", "length_tokens",
             "target")

@@ -3,7 +3,7 @@ last checkpoint, one optimizer step at a time with its metrics row and progress 
 checkpoints, and the finished adapter with its summary.
 
 A stage gives the loop its model, its optimizer section (cfg.sft or cfg.rl) and the number
-of steps, then calls `step(body)` with a function that runs one step's forward and
+of steps, then calls `run_step(body)` with a function that runs one step's forward and
 backward passes and returns the step's metrics; the loop clips, steps and counts.
 """
 from __future__ import annotations
