@@ -16,7 +16,7 @@ import torch
 
 from posttrain import modeling
 from posttrain.config import load_config
-from posttrain.evaluate.metrics import bootstrap_ratio
+from posttrain.evaluate.stats import bootstrap_ratio
 from posttrain.rollout import collect as C
 from posttrain.rollout.prompts import prompt_pool
 from posttrain.io import atomic_write_json

@@ -393,7 +393,7 @@ def eval_figures(cfg, samples: list[dict], kl: dict, names: list) -> dict:
     """Per policy: n, length mean and variance, abrupt rate, ROUGE-L; for the RL policies the
     SFT/policy variance ratio with its bootstrap interval, the mean change and the KL."""
     from posttrain import seeds
-    from posttrain.evaluate.metrics import bootstrap_ratio, summarize
+    from posttrain.evaluate.stats import bootstrap_ratio, summarize
     out, lengths = {}, {}
     for name in ["sft", *names]:
         mine = [s for s in samples if s["model"] == name]
@@ -423,7 +423,7 @@ def relative_ratios(samples: list[dict], names: list, n_boot: int, boot_seed: in
     variation) with its bootstrap interval: the spread cut with the change of mean taken
     out, since a policy that makes every summary 20% shorter cuts the variance 1.56x by
     that alone."""
-    from posttrain.evaluate.metrics import bootstrap_ratio, relative_variance
+    from posttrain.evaluate.stats import bootstrap_ratio, relative_variance
     lengths = {n: [s["length_chars"] for s in samples if s["model"] == n]
                for n in ("sft", *names)}
     return {n: {"relative_ratio": relative_variance(lengths["sft"])

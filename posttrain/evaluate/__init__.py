@@ -12,9 +12,10 @@ Reads `<out_dir>/sft/adapter` and `<out_dir>/rl/adapter` (as `eval.models` asks)
   report.md       the same as a table
 Every model samples the same prompts with the same seeds (batch b uses one seed for all), so
 differences come from the policies. Finished batches go to `parts/`: a killed run resumes.
-The pieces: run.py (sampling, KL), metrics.py (pure figures), report.py (the outputs).
+The pieces: run.py (sampling, KL), stats.py (pure figures), frontier.py (best-of-N),
+report.py (the outputs).
 """
-from posttrain.evaluate.metrics import (bootstrap_ratio, by_target, compare,  # noqa: F401
+from posttrain.evaluate.stats import (bootstrap_ratio, by_target, compare,  # noqa: F401
                                         length_summary, rouge, subreddit, summarize)
 from posttrain.evaluate.report import finish, report_markdown  # noqa: F401
 from posttrain.evaluate.run import eval_targets, kl_to_sft, run  # noqa: F401

@@ -7,8 +7,8 @@ import statistics
 from posttrain import provenance, rewards, seeds
 from posttrain.config import Config
 from posttrain.evaluate.frontier import best_of_n_table, frontier_match, ratio_at_kl
-from posttrain.evaluate.metrics import (bootstrap_mean, by_target, compare, length_summary, rouge,
-                                        subreddit, summarize)
+from posttrain.evaluate.stats import (bootstrap_mean, by_target, compare, length_summary, rouge,
+                                      subreddit, summarize)
 from posttrain.io import atomic_write_json, atomic_write_text
 from posttrain.objectives import best_of_n_kl
 from posttrain.rewards import is_abrupt  # the one ending rule (the reward uses it too)

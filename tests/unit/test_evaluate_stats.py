@@ -68,7 +68,7 @@ def test_relative_bootstrap_ignores_a_change_of_scale():
     one as it was (the same draws); the relative point lies inside its interval, which for a
     shorter b (std 60 at mean ~150 against 20 at 100: plain ~9, relative ~4) lies below the
     plain one."""
-    from posttrain.evaluate.metrics import relative_variance
+    from posttrain.evaluate.stats import relative_variance
     g = torch.Generator().manual_seed(0)
     a = (150 + 60 * torch.randn(300, generator=g)).abs().tolist()
     b = (100 + 20 * torch.randn(300, generator=g)).abs().tolist()
