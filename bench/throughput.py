@@ -1,5 +1,7 @@
 """Throughput, peak memory and model FLOPs utilisation of each stage, with the naive RL
-baseline and every fast path switched off in turn.
+baseline and every setting that changes speed switched in turn. (The exact fast paths,
+which are always on since 40584b2, were switched off one by one here before; their
+figures are in the README.)
 
     python bench/throughput.py [--config demo] [--steps 3] [--warmup 1] [--only sft,generate,rl]
                                [--cases rl/ours,rl/naive] [--out FILE] [key=value ...]
@@ -17,15 +19,15 @@ Each case times `--warmup` steps it throws away, then `--steps` steps, and repor
   rl/*        one optimizer step of offline RL (rl.grad_accum x rl.batch_size samples, drawn
               once from the SFT policy and shared by every case)
 
-Cases: `ours` is the config as given (all fast paths on). `rl/naive` is the plain way: a
+Cases: `ours` is the config as given. `rl/naive` is the plainer way the settings allow: a
 second, separate reference model run forward on every step, every sample with its own copy
-of its prompt, the LM head at every position and a full-vocabulary log-softmax. Every other
-case switches one fast path off, except `*/bf16-weights` and `rl/no-prompt-grad`, which
-switch one on that is off by default (model.frozen_dtype=compute: frozen base weights
-stored in bf16; rl.prompt_grad=false, a
-cheaper gradient, not the same one: no backward through the prompt, so its MFU, counted
-with the same model FLOPs as the others, is not the work it did; with rl.share_prompt=true,
-which it needs, so on CUDA it also shares the prompt where `ours` does not).
+of its prompt, fp32 frozen weights, repeated key/value heads. Every other case switches
+one setting from its default, `*/bf16-weights` and `rl/no-prompt-grad` one that is off by
+default (model.frozen_dtype=compute: frozen base weights stored in bf16;
+rl.prompt_grad=false, a cheaper gradient, not the same one: no backward through the
+prompt, so its MFU, counted with the same model FLOPs as the others, is not the work it
+did; with rl.share_prompt=true, which it needs, so on CUDA it also shares the prompt where
+`ours` does not).
 Tokens/s counts the same tokens for every case of a stage (RL and SFT: prompt +
 completion of each sample; generate: new tokens), so two cases' ratio is their speed
 ratio. RL and SFT cases time the same steps (the same samples in the same order), so
@@ -57,7 +59,6 @@ import torch
 CASES = {  # name -> config overrides (and, for rl/naive, the separate reference model)
     "sft/ours": (),
     "sft/random-batches": ("sft.batching=random",),
-    "sft/all-logits": ("fast.completion_logits=false",),
     "sft/fp32": ("model.precision=fp32",),
     "sft/fp32-weights": ("model.frozen_dtype=fp32",),
     "sft/repeated-kv-heads": ("model.gqa_attention=false",),
@@ -68,22 +69,13 @@ CASES = {  # name -> config overrides (and, for rl/naive, the separate reference
     "generate/hf-generate": (),
     "generate/hf-generate-merged": (),
     "rl/ours": (),
-    "rl/naive": ("fast.completion_logits=false", "fast.fused_logprobs=false",
-                 "fast.recorded_reference=false", "rl.share_prompt=false",
-                 "fast.merged_sft=false", "model.frozen_dtype=fp32",
-                 "model.gqa_attention=false", "fast.lora_input_casts=true",
-                 "fast.length_chunks=false", "fast.sorted_micro=false"),
+    "rl/naive": ("fast.recorded_reference=false", "rl.share_prompt=false",
+                 "model.frozen_dtype=fp32", "model.gqa_attention=false"),
     "rl/reference-forward": ("fast.recorded_reference=false",),
     "rl/per-sample-prompt": ("rl.share_prompt=false",),
-    "rl/all-logits": ("fast.completion_logits=false",),
-    "rl/full-log-softmax": ("fast.fused_logprobs=false",),
     "rl/fp32": ("model.precision=fp32",),
-    "rl/unmerged-sft": ("fast.merged_sft=false",),
     "rl/repeated-kv-heads": ("model.gqa_attention=false",),
-    "rl/lora-input-casts": ("fast.lora_input_casts=true",),
-    "rl/one-completion-pass": ("fast.length_chunks=false",),
     "rl/bf16-cached-attention": ("model.fp32_cached_attention=false",),
-    "rl/micro-in-draw-order": ("fast.sorted_micro=false",),
     "rl/fp32-weights": ("model.frozen_dtype=fp32",),
     "rl/bf16-weights": ("model.frozen_dtype=compute",),
     "rl/no-prompt-grad": ("rl.prompt_grad=false", "rl.share_prompt=true"),
@@ -213,7 +205,7 @@ def sft_step(cfg, n_steps):
             batch = collate([train[i] for i in ids], tok.pad_token_id,
                             packed=cfg.sft.batching == "packed").to(acc.device)
             with acc.autocast():
-                loss = sft.completion_loss(model, batch, "sum", cfg.fast.completion_logits)
+                loss = sft.completion_loss(model, batch, "sum")
             acc.backward(loss / targets)
             n = sum(len(train[i]) for i in ids)
             c = sum(len(train[i].completion_ids) for i in ids)

@@ -42,27 +42,20 @@ class _PickedLogProbs(torch.autograd.Function):
         return out, None
 
 
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor,
-                    fused: bool = True) -> torch.Tensor:
-    """log softmax(logits)[target] without materialising the full log-softmax (`fused`:
-    in cache-sized chunks of rows, never an (N, V) fp32 copy; False: the plain way, a full
-    (N, V) log-softmax, then a gather).
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] without materialising the full log-softmax: in
+    cache-sized chunks of rows, never an (N, V) fp32 copy (the tests hold it to the plain
+    log-softmax and gather).
 
     logits: (N, V) any float dtype; targets: (N,) long -> (N,) float32
     """
-    if not fused:
-        return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return _PickedLogProbs.apply(logits, targets.unsqueeze(-1))[:, 0]
 
 
-def target_and_stop_logprobs(logits: torch.Tensor, targets: torch.Tensor, stop_id: int,
-                             fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(target) and log pi(stop token) at every position, one logsumexp for both
-    (`fused`; False: from a full log-softmax).
+def target_and_stop_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                             stop_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(target) and log pi(stop token) at every position, one logsumexp for both.
     logits: (N, V); targets: (N,) -> ((N,), (N,)) float32"""
-    if not fused:
-        logp = torch.log_softmax(logits.float(), -1)
-        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logp[:, stop_id]
     cols = torch.stack([targets, torch.full_like(targets, stop_id)], -1)          # (N, 2)
     both = _PickedLogProbs.apply(logits, cols)
     return both[:, 0], both[:, 1]

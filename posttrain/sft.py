@@ -67,11 +67,9 @@ def micro_batches(examples: list[Example], cfg: Config) -> list[list[int]]:
     return out[:max(1, int(round(cfg.sft.epochs * per_epoch)))]
 
 
-def completion_loss(model, batch, reduction: str = "mean",
-                    only_needed: bool = True) -> torch.Tensor:
-    """Cross-entropy of the completion tokens (prompt and padding carry no loss);
-    `only_needed=False` runs the LM head at every position (fast.completion_logits)."""
-    logits = completion_logits(model, batch, only_needed)                 # (N, V)
+def completion_loss(model, batch, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the completion tokens (prompt and padding carry no loss)."""
+    logits = completion_logits(model, batch)                              # (N, V)
     return F.cross_entropy(logits.float(), batch.targets, reduction=reduction)
 
 
@@ -105,7 +103,7 @@ def step_passes(loop: TrainLoop, chunk: list, train: list, tokenizer, cfg: Confi
         # 2. loss on completion tokens only
         with dist.sync_unless(acc, model, k == len(mine) - 1):
             with acc.autocast():
-                loss = completion_loss(model, batch, "sum", cfg.fast.completion_logits)
+                loss = completion_loss(model, batch, "sum")
             if not dist.all_finite(acc, loss):
                 raise TrainingError("sft: non-finite loss")
             # 3. backward: every completion token of the step weighs the same (the

@@ -209,35 +209,8 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class FastConfig:
-    """Fast paths, each switchable so `bench/throughput.py` can show what it buys. Off, each
-    does the plain thing (the same numbers up to float rounding, more time or memory)."""
-    completion_logits: bool = True
-    """Run the LM head only at positions a loss or sample needs (completion tokens); false:
-    logits at every position, then sliced."""
-    fused_logprobs: bool = True
-    """log p(token) as the picked logit minus a logsumexp; false: a full-vocabulary
-    log-softmax for the batch, then a gather."""
+    """A fast path that is not an exact equivalent of the plain one (the exact ones are
+    always on; the tests hold each to its plain twin)."""
     recorded_reference: bool = True
     """Offline RL: the behaviour log-probs recorded at generation (the SFT policy's) are the
     KL reference; false: a reference forward (adapter off) on every step."""
-    merged_sft: bool = True
-    """RL, generate and eval (without the base model): the frozen SFT adapter is merged into
-    the base weights (in fp32) once at load, so each forward runs one adapter (RL's) instead
-    of two; the same policy up to float rounding. false: the SFT adapter stays a peft
-    adapter beside RL's. A 4-bit base is never merged."""
-    length_chunks: bool = True
-    """RL's shared-prompt pass: run the completions against their prompts' cache in passes
-    of samples of similar length, each padded only to its own longest (the split that
-    minimises padded rows plus a fixed cost per pass), instead of one pass padded to the
-    step's longest completion. The same numbers up to float rounding."""
-    sorted_micro: bool = True
-    """RL: a step's prompt groups go into its micro-batches in order of prompt length, so
-    the prompts that share a prompt pass (and its cache) are alike in length and little
-    left padding is computed. The step trains on the same samples; its gradient is the
-    same sum (up to float rounding). false: the micro-batches in the seeded draw order."""
-    lora_input_casts: bool = False
-    """peft upcasts a LoRA layer's bf16 input to the adapter's fp32 before the adapter's
-    matmul, which autocast then casts back to bf16: the same numbers, two copies per layer.
-    false (the fast path) skips that upcast in layers without LoRA dropout (RL's adapter,
-    rl.lora_dropout=0), whose input then reaches the matmul as it came; true keeps peft's
-    casts."""

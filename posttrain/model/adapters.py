@@ -99,19 +99,20 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
     """The SFT model (base + frozen SFT adapter), plus an RL adapter on top when `rl` is a
     saved adapter's folder or "new" (fresh LoRA: the policy starts equal to the SFT model).
     With the RL adapter disabled (`sft_only`) the same weights are the frozen SFT policy, so
-    no second model is held in memory. With fast.merged_sft (and no 4-bit base) the SFT
-    adapter is merged into the base weights; `with_base` keeps it an adapter, for a caller
-    that also runs the bare base model (the adapter disabled)."""
+    no second model is held in memory. Unless the base is 4-bit, the SFT adapter is merged
+    into the base weights (in fp32, so one adapter runs per forward: the same policy up to
+    float rounding, as the tests check); `with_base` keeps it an adapter, for a caller that
+    also runs the bare base model (the adapter disabled)."""
     if not (Path(sft_dir) / "adapter_config.json").is_file():
         raise ModelError(f"{sft_dir}: no SFT adapter; run `posttrain sft` first")
-    merge = cfg.fast.merged_sft and not cfg.model.load_in_4bit and not with_base
+    merge = not cfg.model.load_in_4bit and not with_base
     base = load_base_model(cfg.model, device, store=False)
     check_context(cfg, base)
     model = load_adapter(base, sft_dir, trainable=False, name=SFT)
     if merge:  # in fp32, before the frozen weights are stored in their dtype
         with quiet_peft():
             model = store_frozen(model.merge_and_unload(), cfg.model, device)
-        return model if rl is None else _skip_input_casts(_with_rl(model, cfg, rl), cfg)
+        return model if rl is None else skip_input_casts(_with_rl(model, cfg, rl))
     store_frozen(model, cfg.model, device)
     # The SFT adapter is frozen: no dropout on it even in train mode, or pi_sft would be
     # noisy in the ratio and the KL.
@@ -126,15 +127,13 @@ def load_policy(cfg, device: torch.device, sft_dir: Path, rl: str | Path | None 
     else:
         model.load_adapter(str(rl), adapter_name=RL, is_trainable=True)
     _activate(model, (SFT, RL))
-    return _skip_input_casts(model, cfg)
+    return skip_input_casts(model)
 
 
-def _skip_input_casts(model, cfg):
-    """fast.lora_input_casts=false: LoRA layers without dropout take their input as it comes
-    (under autocast the adapter's matmul casts it to bf16 either way; peft would upcast it to
-    fp32 first, and autocast back)."""
-    if cfg.fast.lora_input_casts:
-        return model
+def skip_input_casts(model):
+    """LoRA layers without dropout take their input as it comes (under autocast the
+    adapter's matmul casts it to bf16 either way; peft would upcast it to fp32 first, and
+    autocast back: the same numbers, two copies per layer; the tests compare both)."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict) and \

@@ -23,14 +23,12 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
-def completion_logits(model, batch, only_needed: bool = True) -> torch.Tensor:
+def completion_logits(model, batch) -> torch.Tensor:
     """Logits (N, V) at the positions of `batch.predict_mask`: the LM head never runs on
-    prompt or padding positions (`only_needed=False`: it runs everywhere, then the rows
-    are picked; same result, more time and memory)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                logits_to_keep=batch.predict_mask if only_needed else 0, use_cache=False)
-    return out.logits if only_needed else out.logits[batch.predict_mask]
+    prompt or padding positions (the tests check it against running it everywhere)."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, logits_to_keep=batch.predict_mask,
+                 use_cache=False).logits
 
 
 def _completion_inputs(flat: list[list[int]], pad_id: int, device):
@@ -69,14 +67,13 @@ def length_chunks(lengths: list[int], call_cost: int | None = None) -> list[list
 
 
 def grouped_logit_parts(model, prompts: list, completions: list, pad_id: int, device,
-                        only_needed: bool = True, chunked: bool = True,
                         prompt_grad: bool = True) -> tuple:
     """The logits of every completion token of prompt groups whose prompt runs once for the
     group: (first (B, V): each prompt's last position, which predicts the first token of
     each of its G samples; parts: [(sample indices, logits (M, V) of their later tokens,
     sample by sample)]). The prompts run once (left-padded, cache on); the completions run
-    against the cache repeated for each sample, in one pass, or (`chunked`) in passes of
-    samples of similar length (length_chunks), each padded only to its own longest. The
+    against the cache repeated for each sample, in passes of samples of similar length
+    (length_chunks), each padded only to its own longest. The
     gradients flow through the cache into the prompt pass, so the result (and its gradient)
     equals running each prompt + completion alone, at a fraction of the prompt cost.
 
@@ -97,19 +94,17 @@ def grouped_logit_parts(model, prompts: list, completions: list, pad_id: int, de
     ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
     flat = [list(c) for g in completions for c in g]
     if not prompt_grad:
-        return None, _detached_prompt_parts(model, ids, pmask, ppos, flat, G, pad_id, device,
-                                            only_needed, chunked)
+        return None, _detached_prompt_parts(model, ids, pmask, ppos, flat, G, pad_id, device)
     # 1. the prompt pass, logits at its last position (they predict each first token)
     out = model(input_ids=ids, attention_mask=pmask, position_ids=ppos, use_cache=True,
                 logits_to_keep=1)
     later = [len(c) - 1 for c in flat]
-    chunks = length_chunks(later) if chunked else [list(range(len(flat)))]
     parts = [_completion_pass(model, out.cache, [i for i in c if later[i]], flat, G, pmask,
-                              ppos, pad_id, device, only_needed) for c in chunks]
+                              ppos, pad_id, device) for c in length_chunks(later)]
     return out.logits[:, -1], [p for p in parts if p is not None]
 
 
-def _detached_prompt_parts(model, ids, pmask, ppos, flat, G, pad_id, device, only, chunked):
+def _detached_prompt_parts(model, ids, pmask, ppos, flat, G, pad_id, device):
     """grouped_logit_parts with prompt_grad=False: the prompts but their last token in one
     no-grad pass (its cache), then each sample's last prompt token + completion but its last
     token against its prompt's cache rows; every part holds all of its samples' tokens."""
@@ -121,13 +116,12 @@ def _detached_prompt_parts(model, ids, pmask, ppos, flat, G, pad_id, device, onl
                           position_ids=ppos[:, :-1], use_cache=True, logits_to_keep=none).cache
     lead = ids[:, -1].tolist()            # each prompt's last token (left padding)
     seqs = [[lead[i // G]] + c for i, c in enumerate(flat)]
-    chunks = length_chunks([len(c) for c in flat]) if chunked else [list(range(len(flat)))]
     return [_completion_pass(model, cache, c, seqs, G, pmask[:, :-1], None, pad_id, device,
-                             only, start=ppos[:, -1:]) for c in chunks if c]
+                             start=ppos[:, -1:]) for c in length_chunks([len(c) for c in flat])
+            if c]
 
 
-def _completion_pass(model, cache, samples, flat, G, pmask, ppos, pad_id, device, only,
-                     start=None):
+def _completion_pass(model, cache, samples, flat, G, pmask, ppos, pad_id, device, start=None):
     """2. these samples' completions against their prompts' cache rows: token j predicts
     token j+1; (samples, logits) or None when none has a later token. `start` (B, 1): the
     first input token's position (default: after the cached prompt, whose positions `ppos`
@@ -149,8 +143,8 @@ def _completion_pass(model, cache, samples, flat, G, pmask, ppos, pad_id, device
                                             for layer in cache.layers], config=config)
     logits = model(input_ids=inputs, attention_mask=torch.cat([pmask[rows], cmask], 1),
                    position_ids=pos, cache=mine, use_cache=mine is not None,
-                   logits_to_keep=cmask.bool() if only else 0).logits          # (M, V)
-    return samples, logits if only else logits[cmask.bool()]
+                   logits_to_keep=cmask.bool()).logits          # (M, V)
+    return samples, logits
 
 
 def _token_order(flat: list, parts: list, device, first: bool = True) -> torch.Tensor:
@@ -167,30 +161,26 @@ def _token_order(flat: list, parts: list, device, first: bool = True) -> torch.T
 
 
 def grouped_completion_logits(model, prompts: list, completions: list, pad_id: int,
-                              device, only_needed: bool = True) -> torch.Tensor:
+                              device) -> torch.Tensor:
     """grouped_logit_parts in order: logits (N, V) for every completion token of every
     sample, sample by sample (group-major), token by token."""
-    first, parts = grouped_logit_parts(model, prompts, completions, pad_id, device, only_needed)
+    first, parts = grouped_logit_parts(model, prompts, completions, pad_id, device)
     flat = [c for g in completions for c in g]
     first = first.repeat_interleave(len(completions[0]), 0)            # (samples, V)
     return torch.cat([first] + [lg for _, lg in parts])[_token_order(flat, parts, device)]
 
 
-def _logprobs(logits, targets, stop_id, fused) -> LogProbs:
+def _logprobs(logits, targets, stop_id) -> LogProbs:
     if stop_id is not None:
-        return LogProbs(*O.target_and_stop_logprobs(logits, targets, stop_id, fused))
-    return LogProbs(O.gather_logprobs(logits, targets, fused), None)
+        return LogProbs(*O.target_and_stop_logprobs(logits, targets, stop_id))
+    return LogProbs(O.gather_logprobs(logits, targets), None)
 
 
-def _grouped_logprobs(model, prompts, completions, pad_id, device, stop_id, fast,
+def _grouped_logprobs(model, prompts, completions, pad_id, device, stop_id,
                       prompt_grad: bool = True) -> LogProbs:
     """Log-probs (N,) of the groups' completion tokens from grouped_logit_parts: each part
     reduced to its log-probs, then the (N,) vectors put in order (no (N, V) copy)."""
-    only = fast is None or fast.completion_logits
-    fused = fast is None or fast.fused_logprobs
-    chunked = fast is None or fast.length_chunks
-    first, parts = grouped_logit_parts(model, prompts, completions, pad_id, device, only,
-                                       chunked, prompt_grad)
+    first, parts = grouped_logit_parts(model, prompts, completions, pad_id, device, prompt_grad)
     flat = [c for g in completions for c in g]
     pieces = []
     if first is not None:
@@ -198,7 +188,7 @@ def _grouped_logprobs(model, prompts, completions, pad_id, device, stop_id, fast
         pieces.append((first[row], [c[0] for c in flat]))
     skip = 0 if first is None else 1
     pieces += [(lg, [t for i in samples for t in flat[i][skip:]]) for samples, lg in parts]
-    out = [_logprobs(lg, torch.tensor(tg, device=device), stop_id, fused) for lg, tg in pieces]
+    out = [_logprobs(lg, torch.tensor(tg, device=device), stop_id) for lg, tg in pieces]
     order = _token_order(flat, parts, device, first is not None)
     tokens = torch.cat([o.tokens for o in out])[order]
     stop = None if stop_id is None else torch.cat([o.stop for o in out])[order]
@@ -206,23 +196,21 @@ def _grouped_logprobs(model, prompts, completions, pad_id, device, stop_id, fast
 
 
 def policy_logprobs(model, samples: Sequence, groups: list, pad_id: int, device,
-                    share_prompt: bool, stop_id: int | None = None, fast=None,
+                    share_prompt: bool, stop_id: int | None = None,
                     prompt_grad: bool = True) -> LogProbs:
     """log pi(token) (N,) of every completion token of the groups' samples (each with
     `prompt_ids` and `completion_ids`: Rollouts or Examples), in order: each prompt once
     for its group (share_prompt), or each sample with its own prompt. With `stop_id`, also
-    log pi(stop_id) at the same positions. `fast` (a FastConfig; None: all on) switches
-    the LM-head slicing and the fused log-prob gather. `prompt_grad=False` (shared prompt
-    only): no gradient through the prompt's keys and values (grouped_logit_parts)."""
+    log pi(stop_id) at the same positions. `prompt_grad=False` (shared prompt only): no
+    gradient through the prompt's keys and values (grouped_logit_parts)."""
     if share_prompt:
         return _grouped_logprobs(model, [samples[g[0]].prompt_ids for g in groups],
                                  [[samples[i].completion_ids for i in g] for g in groups],
-                                 pad_id, device, stop_id, fast, prompt_grad)
+                                 pad_id, device, stop_id, prompt_grad)
     if not prompt_grad:
         raise ValueError("prompt_grad=False needs the shared prompt pass (share_prompt)")
     batch = collate([Example(tuple(samples[i].prompt_ids), tuple(samples[i].completion_ids))
                      for g in groups for i in g], pad_id).to(device)
-    logits = completion_logits(model, batch, fast is None or fast.completion_logits)
     targets = torch.tensor([t for g in groups for i in g for t in samples[i].completion_ids],
                            device=device)
-    return _logprobs(logits, targets, stop_id, fast is None or fast.fused_logprobs)
+    return _logprobs(completion_logits(model, batch), targets, stop_id)

@@ -29,10 +29,11 @@ def step_plan(rollouts: list[Rollout], cfg: Config, epochs: float | None = None,
         order += torch.randperm(len(groups_list), generator=gen).tolist()
     order = [groups_list[i] for i in order[:int(round(epochs * len(groups_list)))]]
     per_step = cfg.rl.grad_accum * world
-    if cfg.fast.sorted_micro:  # a step's groups by prompt length: less padding, same sum
-        span = per_step * per_micro
-        order = [g for s in range(0, len(order), span) for g in sorted(
-            order[s:s + span], key=lambda g: len(rollouts[g[0]].prompt_ids))]
+    # a step's groups by prompt length: less left padding in a shared prompt pass, the same
+    # samples and the same gradient sum
+    span = per_step * per_micro
+    order = [g for s in range(0, len(order), span) for g in sorted(
+        order[s:s + span], key=lambda g: len(rollouts[g[0]].prompt_ids))]
     micro = [MicroBatch(tuple(order[i:i + per_micro])) for i in range(0, len(order), per_micro)]
     return [Step(tuple(micro[i:i + per_step])) for i in range(0, len(micro), per_step)]
 

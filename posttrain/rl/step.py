@@ -81,7 +81,7 @@ def reference_logprobs(ctx: StepContext, rollouts, groups, ids, old) -> torch.Te
           contextlib.nullcontext(ctx.reference) if ctx.reference is not None
           else sft_only(acc.unwrap_model(ctx.model)) as ref_model):
         ref = policy_logprobs(ref_model, rollouts, groups, ctx.pad_id, acc.device,
-                              ctx.share_prompt, fast=cfg.fast).tokens.float()
+                              ctx.share_prompt).tokens.float()
     if online:  # kept for the round's later PPO epochs
         for i, part in zip(ids, ref.split(lengths_of(rollouts, ids).tolist())):
             ctx.ref_cache[i] = part
@@ -139,7 +139,7 @@ def micro_pass(ctx: StepContext, rollouts, mb, offset: int, share: float, inputs
         with acc.autocast():
             new = policy_logprobs(ctx.model, rollouts, mb.groups, ctx.pad_id, acc.device,
                                   ctx.share_prompt, ctx.eos if credit is not None else None,
-                                  cfg.fast, cfg.rl.prompt_grad)
+                                  prompt_grad=cfg.rl.prompt_grad)
         ref = reference_logprobs(ctx, rollouts, mb.groups, ids, old)
         terms = loss_terms(ctx, new, old, adv, weight, rollouts, ids, reward, credit, scale,
                            len(inputs.lengths), n_tokens)

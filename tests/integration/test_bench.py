@@ -18,7 +18,7 @@ from conftest import TINY
 def test_throughput_bench_runs_each_kind_of_case(tiny_model_dir, tmp_path):
     script = Path(__file__).parents[2] / "bench" / "throughput.py"
     out = tmp_path / "bench.json"
-    cases = "sft/all-logits,generate/ours,generate/hf-generate,rl/ours,rl/naive"
+    cases = "sft/fp32,generate/ours,generate/hf-generate,rl/ours,rl/naive"
     overrides = [o for o in TINY if not o.startswith(("sft.max_steps", "rl.max_steps"))]
     cmd = [sys.executable, str(script), "--config", "demo", "--steps", "1", "--warmup", "1",
            "--cases", cases, "--out", str(out), f"out_dir={tmp_path / 'run'}",

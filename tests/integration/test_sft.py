@@ -86,8 +86,8 @@ def test_non_finite_loss_stops_with_the_step(tiny_cfg, monkeypatch):
     real = sft.completion_loss
     calls = {"n": 0}
 
-    def nan_on_third(model, batch, reduction="mean", only_needed=True):
-        loss = real(model, batch, reduction, only_needed)
+    def nan_on_third(model, batch, reduction="mean"):
+        loss = real(model, batch, reduction)
         calls["n"] += 1
         return loss * float("nan") if model.training and calls["n"] >= 4 else loss
 

@@ -1,5 +1,5 @@
 """Device-dependent `auto` settings (model/choices.py), with the device mocked; the frozen
-weights' storage (model.frozen_dtype) and the merged SFT adapter (fast.merged_sft)."""
+weights' storage (model.frozen_dtype) and the merged SFT adapter."""
 import json
 
 import pytest
@@ -158,13 +158,13 @@ def _nudge_rl(model, seed=2):
 
 
 def test_merged_sft_is_the_same_policy(tiny_cfg, tmp_path):
-    """fast.merged_sft: the SFT adapter merged into the base (RL's the only adapter) gives
-    the unmerged policy's log-probs (fp32: to 1e-5), with the RL adapter on and off; an RL
-    adapter saved from one loads into the other."""
+    """The SFT adapter merged into the base (RL's the only adapter) gives the unmerged
+    policy's log-probs (with_base keeps it unmerged; fp32: to 1e-5), with the RL adapter on
+    and off; an RL adapter saved from one loads into the other."""
     x = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
     cfg = tiny_cfg()
     sft = _random_sft_adapter(cfg, tmp_path / "sft")
-    plain = modeling.load_policy(tiny_cfg("fast.merged_sft=false"), CPU, sft, rl="new").eval()
+    plain = modeling.load_policy(cfg, CPU, sft, rl="new", with_base=True).eval()
     merged = modeling.load_policy(cfg, CPU, sft, rl="new").eval()
     assert list(merged.peft_config) == ["rl"] and set(plain.peft_config) == {"sft", "rl"}
     assert {n for n, p in merged.named_parameters() if p.requires_grad} == \
@@ -182,8 +182,7 @@ def test_merged_sft_is_the_same_policy(tiny_cfg, tmp_path):
                                    rtol=0, atol=1e-5)
     torch.testing.assert_close(_logprobs(merged, x), on, rtol=0, atol=0)  # back on
     modeling.save_adapter(merged, modeling.load_tokenizer(cfg.model), tmp_path / "rl", "rl")
-    again = modeling.load_policy(tiny_cfg("fast.merged_sft=false"), CPU, sft,
-                                 rl=tmp_path / "rl").eval()
+    again = modeling.load_policy(cfg, CPU, sft, rl=tmp_path / "rl", with_base=True).eval()
     torch.testing.assert_close(_logprobs(again, x), on, rtol=0, atol=1e-5)
 
 
@@ -228,3 +227,28 @@ def test_a_run_checks_the_device_choices_before_any_stage(tmp_path, monkeypatch)
         with pytest.raises(ConfigError, match="rl.prompt_grad=false needs the shared prompt"):
             call()
     assert not (tmp_path / "run").exists()
+
+
+def test_skipping_peft_input_casts_gives_the_same_numbers(tiny_cfg, tmp_path):
+    """RL's dropout-free LoRA layers take their bf16 input as it comes; peft's own forward
+    (upcast to fp32, autocast back to bf16: the plain twin) gives the same log-probs and
+    gradients, bit for bit."""
+    cfg = tiny_cfg()
+    sft = _random_sft_adapter(cfg, tmp_path / "sft")
+    x = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    out = {}
+    for casts in (False, True):
+        model = modeling.load_policy(cfg, CPU, sft, rl="new").eval()
+        _nudge_rl(model)
+        layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+        for m in layers:
+            m.cast_input_dtype_enabled = casts
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            from posttrain import objectives as O
+            lp = O.gather_logprobs(model(input_ids=x).logits[0, :-1], x[0, 1:])
+        out[casts] = lp.detach(), torch.autograd.grad(lp.sum(), params)
+    assert torch.equal(out[False][0], out[True][0])
+    for a, b in zip(out[False][1], out[True][1]):
+        assert torch.equal(a, b)

@@ -31,16 +31,26 @@ def test_logits_only_at_completion_positions(tiny_cfg):
     assert logits.shape == (3, model.config.vocab_size)
     full = model(input_ids=batch.input_ids).logits[0, 3:6]
     torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
-    # switched off (fast.completion_logits=false): the head runs everywhere, same rows
-    torch.testing.assert_close(modeling.completion_logits(model, batch, only_needed=False),
-                               full, rtol=1e-5, atol=1e-5)
+
+
+def _plain_logprobs(model, records, groups, stop_id):
+    """The plain twin of policy_logprobs: each sample with its own prompt, the LM head at
+    every position, a full log-softmax, then the rows and columns picked."""
+    tokens, stops = [], []
+    for i in (i for g in groups for i in g):
+        p, c = list(records[i].prompt_ids), list(records[i].completion_ids)
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
+        rows = logp[len(p) - 1:len(p) - 1 + len(c)]
+        tokens.append(rows.gather(-1, torch.tensor(c)[:, None])[:, 0])
+        stops.append(rows[:, stop_id])
+    return torch.cat(tokens), torch.cat(stops)
 
 
 def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir):
-    """Each prompt run once for its group gives the log-probs and gradients of running every
-    sample with its own copy of the prompt; so does every other fast path switched off (the
-    LM head at every position, a full log-softmax)."""
-    from posttrain.config import FastConfig, ModelConfig
+    """Each prompt run once for its group, and each sample with its own copy of the prompt,
+    give the log-probs and gradients of the plain way (the LM head at every position, a
+    full log-softmax)."""
+    from posttrain.config import ModelConfig
     model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
                                      torch.device("cpu"))
     params = [p.requires_grad_() for p in model.parameters()]
@@ -48,26 +58,18 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir
         ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
         ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]))]
     groups = [[0, 1], [2, 3]]
-    out = {}
+    plain, plain_stop = _plain_logprobs(model, records, groups, 1)
+    plain_grads = torch.autograd.grad(plain.sum(), params)
     for share in (True, False):
-        for only in (True, False):
-            for fused in (True, False):
-                fast = FastConfig(completion_logits=only, fused_logprobs=fused)
-                lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"),
-                                              share, fast=fast).tokens
-                out[share, only, fused] = (lp.detach(), torch.autograd.grad(lp.sum(), params))
-                lp_t, lp_s = modeling.policy_logprobs(model, records, groups, 0,
-                                                      torch.device("cpu"), share, stop_id=1,
-                                                      fast=fast)
-                torch.testing.assert_close(lp_t.detach(), lp.detach())
-                out[share, only, fused, "stop"] = lp_s.detach()
-    first = out[True, True, True]
-    for key, (lp, grads) in ((k, v) for k, v in out.items() if len(k) == 3):
-        torch.testing.assert_close(lp, first[0], rtol=1e-5, atol=1e-5)
-        for a, b in zip(grads, first[1]):
+        lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"),
+                                      share).tokens
+        torch.testing.assert_close(lp.detach(), plain.detach(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(lp.sum(), params), plain_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(out[key + ("stop",)], out[True, True, True, "stop"],
-                                   rtol=1e-5, atol=1e-5)
+        lp_t, lp_s = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"),
+                                              share, stop_id=1)
+        torch.testing.assert_close(lp_t.detach(), lp.detach())
+        torch.testing.assert_close(lp_s.detach(), plain_stop.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_logprobs_equal_the_interleaved_logits_exactly(tiny_model_dir):
@@ -103,22 +105,21 @@ def test_length_chunks_split_by_length_at_the_least_padding():
     assert len(length_chunks(lengths, call_cost=0)) == len(set(lengths))
 
 
-def _policy_and_grads(model, records, groups, fast):
+def _policy_and_grads(model, records, groups):
     params = [p for p in model.parameters() if p.requires_grad]
     lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
-                                  stop_id=1, fast=fast)
+                                  stop_id=1)
     grads = torch.autograd.grad((lp.tokens + 0.5 * lp.stop).sum(), params)
     return lp.tokens.detach(), lp.stop.detach(), grads
 
 
 def test_length_chunked_and_gqa_passes_give_the_plain_numbers(tiny_model_dir, monkeypatch):
-    """Completions in passes of similar length (fast.length_chunks; here no cost per pass,
-    so a pass per length) and grouped-query heads handed to SDPA whole
-    (model.gqa_attention) give the one-pass, repeated-heads log-probs and gradients (fp32:
+    """Completions in passes of similar length (length_chunks; here no cost per pass, so a
+    pass per length) and grouped-query heads handed to SDPA whole (model.gqa_attention)
+    give the one-pass (a huge cost per pass), repeated-heads log-probs and gradients (fp32:
     to float rounding)."""
-    from posttrain.config import FastConfig, ModelConfig
+    from posttrain.config import ModelConfig
     from posttrain.model import forward
-    monkeypatch.setattr(forward, "CALL_COST", 0)
     records = [Example(tuple(p), tuple(c)) for p, c in (
         ([5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9]), ([5, 6, 7, 8, 9], [4]),
         ([5, 6, 7, 8, 9], [3, 3, 3, 3, 3, 3, 3, 3]), ([10, 11], [7, 7, 1]),
@@ -132,8 +133,8 @@ def test_length_chunked_and_gqa_passes_give_the_plain_numbers(tiny_model_dir, mo
         for p in model.parameters():
             p.requires_grad_()
         for chunked in (True, False):
-            out[gqa, chunked] = _policy_and_grads(model, records, groups,
-                                                  FastConfig(length_chunks=chunked))
+            monkeypatch.setattr(forward, "CALL_COST", 0 if chunked else 10 ** 9)
+            out[gqa, chunked] = _policy_and_grads(model, records, groups)
     want = out[False, False]
     for key, got in out.items():
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
@@ -223,16 +224,16 @@ def _no_prompt_grad_reference(model, records, groups, params):
     return lp.detach(), stop.detach(), torch.autograd.grad(total, params)
 
 
-@pytest.mark.parametrize("chunked,only", [(True, True), (False, False)])
+@pytest.mark.parametrize("chunked", [True, False])
 def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient(
-        tiny_model_dir, chunked, only, monkeypatch):
+        tiny_model_dir, chunked, monkeypatch):
     """rl.prompt_grad=false: the same log-probs (fp32: to rounding) and the gradient that
     flows through the completion positions alone, which the plain per-sample pass with the
     prompt's keys and values detached gives; and not the full gradient. A batch of 1-token
     prompts (nothing to cache) too."""
-    from posttrain.config import FastConfig, ModelConfig
+    from posttrain.config import ModelConfig
     from posttrain.model import forward
-    monkeypatch.setattr(forward, "CALL_COST", 0)       # chunked: a pass per length
+    monkeypatch.setattr(forward, "CALL_COST", 0 if chunked else 10 ** 9)  # per length, or one
     passes = []
     real = forward._completion_pass
     monkeypatch.setattr(forward, "_completion_pass",
@@ -240,7 +241,6 @@ def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient
     model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
                                      torch.device("cpu"))
     params = [p.requires_grad_() for p in model.parameters()]
-    fast = FastConfig(length_chunks=chunked, completion_logits=only)
     records = [Example(tuple(p), tuple(c)) for p, c in (
         ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
         ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]),
@@ -248,7 +248,7 @@ def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient
     for groups in ([[0, 1], [2, 3], [4, 5]], [[4, 5]]):
         passes.clear()
         lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
-                                      stop_id=1, fast=fast, prompt_grad=False)
+                                      stop_id=1, prompt_grad=False)
         assert len(passes) == (len({len(records[i].completion_ids) for g in groups for i in g})
                                if chunked else 1)
         grads = torch.autograd.grad((lp.tokens + 0.5 * lp.stop).sum(), params)
@@ -257,7 +257,7 @@ def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient
         torch.testing.assert_close(lp.stop.detach(), want_stop, rtol=1e-5, atol=1e-5)
         for a, b in zip(grads, want):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        full = _policy_and_grads(model, records, groups, fast)
+        full = _policy_and_grads(model, records, groups)
         torch.testing.assert_close(full[0], want_lp, rtol=1e-5, atol=1e-5)
         if len(groups) > 1:   # prompts longer than one token: a different gradient
             assert max((a - b).abs().max().item() for a, b in zip(grads, full[2])) > 1e-3

@@ -4,16 +4,17 @@ from posttrain.rl import plan
 
 
 def test_a_steps_groups_go_into_micro_batches_by_prompt_length():
-    """fast.sorted_micro: each step trains on the same samples as in draw order, its prompt
-    groups put into micro-batches shortest prompt first."""
+    """Each step trains on the same samples as in draw order (the plan of prompts all of one
+    length), its prompt groups put into micro-batches shortest prompt first."""
     from types import SimpleNamespace
     from posttrain.config import load_config
     lengths = [30, 5, 17, 2, 40, 11, 8, 25]                  # one prompt per group
     records = [SimpleNamespace(group=g, prompt_ids=(1,) * lengths[g]) for g in range(8)
                for _ in range(2)]
-    args = ("rl.batch_size=4", "rl.grad_accum=2", "rl.epochs=2")
-    plain = plan.step_plan(records, load_config("demo", args + ("fast.sorted_micro=false",)))
-    ordered = plan.step_plan(records, load_config("demo", args))
+    alike = [SimpleNamespace(group=r.group, prompt_ids=(1,)) for r in records]
+    cfg = load_config("demo", ("rl.batch_size=4", "rl.grad_accum=2", "rl.epochs=2"))
+    plain = plan.step_plan(alike, cfg)
+    ordered = plan.step_plan(records, cfg)
     assert len(plain) == len(ordered) == 4
     for a, b in zip(plain, ordered):
         assert sorted(a.samples) == sorted(b.samples)
