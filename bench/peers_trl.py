@@ -12,7 +12,7 @@ Equal work, and how:
                    (posttrain's RL adapter takes its dropout from rl.lora_dropout, not
                    lora.dropout). LoRA is additive, so base + SFT adapter + this LoRA, which
                    is how the shared evaluator loads it, is the same policy.
-  prompts          the rounds' draws of posttrain.rl.online.sample_round (the same seeded
+  prompts          the rounds' draws of posttrain.rl.train.sample_round (the same seeded
                    stream, the same pool), fed in that order with shuffle_dataset=False, so
                    generation r holds round r's prompts, each num_generations times.
   steps            one generation of prompts_per_iteration x G completions per round, split
@@ -113,8 +113,8 @@ class PosttrainReward:
 
 def round_prompts(cfg, tokenizer) -> list[list[tuple[str, list]]]:
     """The (text, token ids) of the prompts each online round of posttrain draws, in order:
-    posttrain.rl.online.round_draws, from the same pool, as sample_round takes them."""
-    from posttrain.rl.online import round_draws
+    posttrain.rl.train.round_draws, from the same pool, as sample_round takes them."""
+    from posttrain.rl.train import round_draws
     from posttrain.rollout.prompts import train_prompt_pool
     texts, ids = train_prompt_pool(tokenizer, cfg)
     return [[(texts[i], list(ids[i])) for i in round_draws(cfg, len(ids), it)]
@@ -290,22 +290,21 @@ def run_trl(cfg, folder: Path, bf16: bool) -> dict:
 def child_posttrain(cfg) -> dict:
     """`posttrain rl` through the stage registry, each round timed; figures per round."""
     from posttrain.metrics import read_metrics
-    from posttrain.rl import online
+    from posttrain.rl import train
     from posttrain.stages import STAGES
-    if not hasattr(online, "_round") or not hasattr(online, "sample_round"):
-        raise SystemExit("posttrain.rl.online has no _round / sample_round to time")
-    caught, real_round, real_sample = [], online._round, online.sample_round
+    caught, real_rounds = [], train.online_rounds
 
-    def sample_round(*a, **k):
-        caught.append({"rollouts": real_sample(*a, **k)})
-        return caught[-1]["rollouts"]
+    def timed_rounds(*a, **k):   # a round's wall time: sampling, scoring, steps, checkpoint
+        rounds = real_rounds(*a, **k)
+        while True:
+            t0 = time.perf_counter()
+            rnd = next(rounds, None)
+            if rnd is None:
+                return
+            yield rnd
+            caught.append({"rollouts": rnd.rollouts, "seconds": time.perf_counter() - t0})
 
-    def timed_round(*a, **k):
-        t0 = time.perf_counter()
-        real_round(*a, **k)
-        caught[-1]["seconds"] = time.perf_counter() - t0
-
-    online.sample_round, online._round = sample_round, timed_round
+    train.online_rounds = timed_rounds
     t0 = time.perf_counter()
     STAGES["rl"].run(cfg)
     wall = time.perf_counter() - t0

@@ -49,7 +49,6 @@ def kind_of(name: str) -> str:
 def instrument() -> None:
     """Mark the phases: autograd's backward and the optimizer step (wrapped before the step
     is built, so that it calls the wrapped ones)."""
-    import posttrain.rl.step as rl_step
     import posttrain.train.loop as loop
     original_backward = torch.autograd.backward
 
@@ -58,7 +57,7 @@ def instrument() -> None:
             return original_backward(*a, **k)
 
     torch.autograd.backward = backward
-    for mod in (loop, rl_step, T):
+    for mod in (loop, T):
         if hasattr(mod, "optimizer_step"):
             inner = mod.optimizer_step
 

@@ -20,8 +20,8 @@ Each case times `--warmup` steps it throws away, then `--steps` steps, and repor
               once from the SFT policy and shared by every case)
 
 Cases: `ours` is the config as given. `rl/naive` is the plainer way the settings allow: a
-second, separate reference model run forward on every step, every sample with its own copy
-of its prompt, fp32 frozen weights, repeated key/value heads. Every other case switches
+reference forward on every step (the SFT policy: the same weights with the RL adapter off,
+the FLOPs a separate copy would run), every sample with its own copy of its prompt, fp32 frozen weights, repeated key/value heads. Every other case switches
 one setting from its default, `*/bf16-weights` and `rl/no-prompt-grad` one that is off by
 default (model.frozen_dtype=compute: frozen base weights stored in bf16;
 rl.prompt_grad=false, a cheaper gradient, not the same one: no backward through the
@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-CASES = {  # name -> config overrides (and, for rl/naive, the separate reference model)
+CASES = {  # name -> config overrides
     "sft/ours": (),
     "sft/random-batches": ("sft.batching=random",),
     "sft/fp32": ("model.precision=fp32",),
@@ -281,40 +281,38 @@ def run_generate(cfg, work, warmup, steps, case):
 
 
 def rl_step(cfg, work, case, n_steps):
-    """One offline RL optimizer step as a function of its index (the policy it trains as
-    its `model` attribute), and the device and dtype."""
+    """One offline RL optimizer step (posttrain.rl.train.train_step) as a function of its
+    index (the policy it trains as its `model` attribute), and the device and dtype."""
+    import dataclasses
+    import shutil
+
     from posttrain import modeling
     from posttrain.rl.credit import step_rewards
     from posttrain.rl.plan import step_plan
-    from posttrain.rl.step import StepContext, step_passes
+    from posttrain.rl.train import Round, train_step
     from posttrain.train.dist import setup_accelerator
-    from posttrain.train.loop import build_optimizer, build_scheduler, optimizer_step
+    from posttrain.train.loop import TrainLoop
     from posttrain.types import Rollout
     adapter = _sft_adapter(cfg, work)
     acc, dtype = setup_accelerator(cfg)
     tok = modeling.load_tokenizer(cfg.model, str(adapter))
     records = [Rollout.from_row(r) for r in json.loads((work / "records.json").read_text())]
-    reward, stop_reward = step_rewards(records, [r.length(cfg.reward.unit) for r in records],
-                                       tok, cfg)
+    reward, credit = step_rewards(records, [r.length(cfg.reward.unit) for r in records],
+                                  tok, cfg)
     plan = step_plan(records, cfg, epochs=1.0)
     if len(plan) < n_steps:
         raise SystemExit(f"rl: only {len(plan)} steps of samples for {n_steps}")
     model = modeling.load_policy(cfg, acc.device, adapter, rl="new")
     N, d, V = model_dims(model)
-    reference = None
-    if case == "rl/naive":  # a second, separate copy of the SFT model
-        reference = modeling.load_policy(cfg, acc.device, adapter).eval()
-    optimizer = build_optimizer(model, cfg.rl)
-    scheduler = build_scheduler(optimizer, cfg.rl, len(plan))
-    model, optimizer = acc.prepare(model, optimizer)
-    model.train()
-
-    ctx = StepContext(model, acc, cfg, tok.pad_token_id, tok.eos_token_id, cfg.rl.beta,
-                      reference=reference)
+    # the loop's metrics and (never written) checkpoints go to a folder of the bench's own
+    cfg = dataclasses.replace(cfg, out_dir=str(work / ("run-" + case.replace("/", "-"))))
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    loop = TrainLoop(cfg, "rl", cfg.rl, model, len(plan), acc, adapter=modeling.RL)
+    loop.model.train()
+    rnd = Round(0, records, reward, credit, plan, None, {})
 
     def step(k):
-        step_passes(ctx, records, plan[k], reward, stop_reward)
-        optimizer_step(acc, model, optimizer, scheduler, cfg.rl.max_grad_norm)
+        train_step(loop, rnd, plan[k], tok, cfg, cfg.rl.beta)
         groups = plan[k].groups
         prompt_once = sum(len(records[g[0]].prompt_ids) for g in groups)
         comp = sum(len(records[i].completion_ids) for g in groups for i in g)
@@ -322,7 +320,7 @@ def rl_step(cfg, work, case, n_steps):
                      for g in groups for i in g)
         return tokens, 2 * (2 * N * (prompt_once + comp) + 2 * d * V * comp)
 
-    step.model = acc.unwrap_model(model)
+    step.model = loop.unwrapped
     return step, acc.device, dtype
 
 

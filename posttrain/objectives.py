@@ -88,32 +88,6 @@ def stop_credit_loss(logp_stop: torch.Tensor, stop_reward: torch.Tensor,
     return torch.where(continued, loss, torch.zeros_like(logp_stop))
 
 
-def group_stop_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor,
-                    weight: torch.Tensor, logp_stop: torch.Tensor,
-                    logp_stop_old: torch.Tensor | None,
-                    stop_reward: torch.Tensor, final_reward: torch.Tensor, may_stop: torch.Tensor,
-                    seq_weight: torch.Tensor, stop_weight: float, eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Credit on the content and on the stop, in one objective (`rl.advantage: group_stop`).
-
-    Every token gets PPO's clipped surrogate with its sample's group-relative advantage
-    `adv` (what the whole sample earned against its prompt's other samples: this moves the
-    content, e.g. away from endings the reward penalises), averaged with `weight`; and
-    every position where stopping was possible (`may_stop`) gets the counterfactual stop
-    credit of `stop_credit_loss` (what stopping there would have earned, minus what the
-    sample earned), summed per sample with `seq_weight` (1/S) and scaled by `stop_weight`.
-    loss.sum() is the objective; `pg` is the unweighted surrogate of the group term.
-
-    logp_new, logp_old, adv, weight, logp_stop, logp_stop_old, stop_reward, final_reward,
-    seq_weight: (N,); may_stop: (N,) bool
-    -> (loss (N,), pg (N,), ratio (N,), clipped (N,) bool)
-    """
-    pg, ratio, clipped = clipped_policy_loss(logp_new, logp_old, adv, eps)             # (N,)
-    credit = stop_credit_loss(logp_stop, stop_reward, final_reward, may_stop, logp_stop_old,
-                              eps)                                                     # (N,)
-    return pg * weight + stop_weight * credit * seq_weight, pg, ratio, clipped
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over positions where mask is true. x, mask: same shape -> scalar."""
     mask = mask.to(x.dtype)

@@ -124,8 +124,9 @@ def _train(loop: TrainLoop, plan: list, train: list, tokenizer, cfg: Config) -> 
         t0 = time.perf_counter()
         # 1. batch: this step's micro-batches, fixed by the plan
         chunk = plan[loop.step * per_step:(loop.step + 1) * per_step]
-        (loss, tokens), grad_norm, lr = loop.run_step(
-            lambda: step_passes(loop, chunk, train, tokenizer, cfg))   # 2-4. passes, step
+        loss, tokens = loop.guarded(
+            lambda: step_passes(loop, chunk, train, tokenizer, cfg))   # 2-3. passes
+        grad_norm, lr = loop.optimizer_step()                           # 4. clip, step
         # 5. log and checkpoint
         dt = time.perf_counter() - t0
         loop.extra["train_seconds"] += dt

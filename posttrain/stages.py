@@ -55,7 +55,7 @@ STAGES = {s.name: s for s in (
           ("model", "data", "generate"),
           "sample completions from the SFT policy into a scored dataset for RL",
           what="generated set"),
-    Stage("rl", "posttrain.rl", "rl", "summary.json", _RL,
+    Stage("rl", "posttrain.rl.train", "rl", "summary.json", _RL,
           ("model", "lora", "data", "generate", "reward", "rl"),
           "PPO-style RL (offline on the generated set, or online rounds) against the frozen "
           "SFT policy", shared=True, what="RL adapter"),

@@ -170,13 +170,3 @@ class LogProbs(NamedTuple):
     for, log pi(stop) at the same positions (N,); else None."""
     tokens: torch.Tensor
     stop: Optional[torch.Tensor]
-
-
-class LossTerms(NamedTuple):
-    """One micro-batch's loss pieces, per token (N,): the weighted policy objective, the
-    policy loss, the ratio, whether it was clipped, and the KL term's weights."""
-    objective: torch.Tensor
-    policy_loss: torch.Tensor
-    ratio: torch.Tensor
-    clipped: torch.Tensor
-    kl_weight: torch.Tensor

@@ -3,8 +3,8 @@ last checkpoint, one optimizer step at a time with its metrics row and progress 
 checkpoints, and the finished adapter with its summary.
 
 A stage gives the loop its model, its optimizer section (cfg.sft or cfg.rl) and the number
-of steps, then calls `run_step(body)` with a function that runs one step's forward and
-backward passes and returns the step's metrics; the loop clips, steps and counts.
+of steps, then for each step runs its forward and backward passes (under `guarded`, which names the
+step in a TrainingError) and `optimizer_step`, which clips, steps and counts.
 """
 from __future__ import annotations
 
@@ -87,19 +87,20 @@ class TrainLoop:
         self.bar = tqdm(total=self.total, initial=self.step, desc=self.stage,
                         disable=not self.acc.is_main_process)
 
-    def run_step(self, body) -> tuple:
-        """Run `body()` (one step's passes; it returns the step's figures), then clip and
-        step the optimizer; returns (figures, grad norm, lr). A TrainingError names the
-        step and the last good checkpoint."""
+    def guarded(self, body):
+        """`body()`, with a TrainingError naming the step and the last good checkpoint."""
         try:
-            row = body()
+            return body()
         except TrainingError as e:
             raise TrainingError(f"{e} at step {self.step + 1}; the last good checkpoint is "
                                 f"{checkpoint.latest(self.ckpt_dir)}") from None
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Clip, step the optimizer and the schedule, count the step; (grad norm, lr)."""
         grad_norm, lr = optimizer_step(self.acc, self.model, self.optimizer, self.scheduler,
                                        self.optim.max_grad_norm)
         self.step += 1
-        return row, grad_norm, lr
+        return grad_norm, lr
 
     def log(self, row: dict, **postfix) -> None:
         """The step's row to metrics.jsonl, and the progress bar on by one."""

@@ -15,7 +15,6 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from posttrain import modeling, pipeline, sft
-from posttrain.rl.trainer import Trainer
 from posttrain.train import dist
 from posttrain.train.loop import TrainLoop
 from posttrain.config import load_config
@@ -50,15 +49,16 @@ def last_eval(model, *a, **k):  # called after training with the trained model
 
 
 sft.evaluate_loss = last_eval
-finish = Trainer.finish
+finish = TrainLoop.finish
 
 
-def finish_and_keep(self, **summary):
-    weights["rl"] = lora(self.acc.unwrap_model(self.model), modeling.RL)
-    return finish(self, **summary)
+def finish_and_keep(self, *a, **k):  # the RL loop's end, with the trained RL adapter
+    if self.stage == "rl":
+        weights["rl"] = lora(self.unwrapped, modeling.RL)
+    return finish(self, *a, **k)
 
 
-Trainer.finish = finish_and_keep
+TrainLoop.finish = finish_and_keep
 if os.environ.get("NAN_ON_RANK") == str(rank):  # this rank's loss turns NaN at its 3rd call
     real_loss, calls = sft.completion_loss, [0]
 

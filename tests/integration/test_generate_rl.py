@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain import generate, modeling, objectives as O, rl, sft
+from posttrain import generate, modeling, objectives as O, sft
 from posttrain.rl import credit, plan
+from posttrain.rl import train as rl
 from posttrain.rollout.store import load_set
 from posttrain.train import checkpoint
 from posttrain.data import DataError, Example, collate

@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain import evaluate, generate, modeling, pipeline, rl, sft
+from posttrain import evaluate, generate, modeling, pipeline, sft
+from posttrain.rl import train as rl
 from posttrain.config import load_config
 from posttrain.rollout.store import load_set
 

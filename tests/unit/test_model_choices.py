@@ -199,16 +199,12 @@ def test_merged_sft_keeps_the_base_when_asked(tiny_cfg, tmp_path):
 
 def test_no_prompt_grad_needs_the_shared_prompt_pass():
     """rl.prompt_grad=false with the shared prompt pass off: a config error naming both keys;
-    with `auto` resolved off (CUDA), the step says so before it runs anything."""
-    from types import SimpleNamespace
+    with `auto` resolved off (CUDA), DeviceChoices says so (the RL stage checks it before
+    it loads the policy)."""
     from posttrain.config import ConfigError
-    from posttrain.rl.step import StepContext, step_passes
     with pytest.raises(ConfigError, match="rl.prompt_grad=false needs the shared prompt pass"):
         load_config("demo", ("rl.prompt_grad=false", "rl.share_prompt=false"))
     cfg = load_config("demo", ("rl.prompt_grad=false",))
-    ctx = StepContext(None, SimpleNamespace(device=CUDA), cfg, 0, 1, 0.1)
-    with pytest.raises(ConfigError, match="rl.share_prompt='auto' turns off on cuda"):
-        step_passes(ctx, [], None, None, None)
     with pytest.raises(ConfigError, match="rl.share_prompt='auto' turns off on cuda"):
         DeviceChoices(cfg, CUDA).check()
     DeviceChoices(cfg, CPU).check()                                   # shared there

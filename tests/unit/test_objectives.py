@@ -156,36 +156,6 @@ def test_clipped_stop_credit_equals_unclipped_at_ratio_one_and_stops_beyond_eps(
     torch.testing.assert_close(loss.detach(), torch.tensor([-0.11, -0.26]))
 
 
-def test_group_stop_loss_on_a_hand_computed_group():
-    """One prompt group of two samples: A (2 tokens, reward 1) and B (1 token, reward 0).
-    Group advantages +0.5 / -0.5 on every token, per-token weights 1/3; the stop credit at
-    A's first position and B's only position (A's second is masked: no clean stop there)."""
-    lp = torch.log(torch.tensor([0.5, 0.4, 0.2])).requires_grad_()
-    adv = torch.tensor([0.5, 0.5, -0.5])
-    weight = torch.full((3,), 1 / 3)
-    lp_stop = torch.log(torch.tensor([0.1, 0.3, 0.2])).requires_grad_()
-    stop_reward = torch.tensor([0.2, 0.6, 0.9])     # had it stopped before each token
-    final = torch.tensor([1.0, 1.0, 0.0])           # what each token's sample earned
-    may_stop = torch.tensor([True, False, True])
-    seq_w = torch.full((3,), 0.5)                   # 1 / S
-    loss, pg, ratio, clipped = O.group_stop_loss(lp, lp.detach(), adv, weight, lp_stop,
-                                                 lp_stop.detach(), stop_reward, final,
-                                                 may_stop, seq_w, stop_weight=2.0, eps=0.3)
-    torch.testing.assert_close(pg, -adv)
-    assert torch.equal(ratio.detach(), torch.ones(3)) and not clipped.any()
-    # group term: (-0.5 - 0.5 + 0.5) / 3; credit: 2 * 0.5 * (-0.1 * (0.2 - 1) - 0.2 * (0.9 - 0))
-    expected = -1 / 6 + 2 * 0.5 * (0.08 - 0.18)
-    assert loss.sum().item() == pytest.approx(expected, abs=1e-6)
-    loss.sum().backward()
-    # d/dlog pi: -A * w for the group term; d/dlog p_stop: -p (r_stop - r_final) * w_s * 2
-    torch.testing.assert_close(lp.grad, -adv / 3)
-    torch.testing.assert_close(lp_stop.grad, torch.tensor([0.08, 0.0, -0.18]))
-    # weight 0 is the group term alone
-    alone, *_ = O.group_stop_loss(lp, lp.detach(), adv, weight, lp_stop, lp_stop.detach(),
-                                  stop_reward, final, may_stop, seq_w, stop_weight=0.0, eps=0.3)
-    torch.testing.assert_close(alone, -adv * weight)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("stop", [None, 3])
 def test_chunked_logprobs_equal_the_plain_ops(dtype, stop):
