@@ -356,7 +356,7 @@ def load(args):
 
 
 def settings_for(cfg, bf16) -> dict:
-    from posttrain.modeling import resolve_device
+    from posttrain.model.load import resolve_device
     return non_default(trl_settings(cfg, bf16, resolve_device(cfg.model).type == "cpu"))
 
 

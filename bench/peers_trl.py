@@ -178,13 +178,14 @@ def non_default(settings: dict) -> dict:
 
 def _policy(cfg, device):
     """(tokenizer, the SFT policy as one plain model: base + SFT adapter merged)."""
-    from posttrain import modeling
+    from posttrain.model.adapters import load_adapter
+    from posttrain.model.load import load_base_model, load_tokenizer
     sft = cfg.run_dir / "sft" / "adapter"
-    tokenizer = modeling.load_tokenizer(cfg.model, str(sft))
+    tokenizer = load_tokenizer(cfg.model, str(sft))
     # TRL's own model: fp32 weights, transformers' own attention (posttrain's CPU fast
     # paths, bf16 matmul weights and grouped-query SDPA, are not TRL's)
     plain = dataclasses.replace(cfg.model, frozen_dtype="fp32", gqa_attention=False)
-    model = modeling.load_adapter(modeling.load_base_model(plain, device), sft)
+    model = load_adapter(load_base_model(plain, device), sft)
     model = model.merge_and_unload()
     # stop where posttrain's sampler stops: at the tokenizer's EOS only (TRL would also stop
     # at every other EOS id the model's generation config declares)
@@ -257,9 +258,10 @@ def run_trl(cfg, folder: Path, bf16: bool) -> dict:
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from posttrain import modeling
+    from posttrain.model.adapters import save_adapter
+    from posttrain.model.load import resolve_device
     t_start = time.perf_counter()
-    device = modeling.resolve_device(cfg.model)
+    device = resolve_device(cfg.model)
     tokenizer, model = _policy(cfg, device)
     data, hashes, retokenized = _dataset(cfg, tokenizer)
     shape, settings = step_shape(cfg), trl_settings(cfg, bf16, device.type == "cpu")
@@ -274,7 +276,7 @@ def run_trl(cfg, folder: Path, bf16: bool) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     train_wall = time.perf_counter() - t0
-    modeling.save_adapter(trainer.model, tokenizer, folder / "adapter")
+    save_adapter(trainer.model, tokenizer, folder / "adapter")
     P = cfg.rl.prompts_per_iteration
     fed = [data["prompt"][r * P:(r + 1) * P] for r in range(len(gens))]
     return {"rounds": _rounds(gens, ends, reward.calls, fed, hashes, shape, cfg.rl.ppo_epochs),
@@ -351,7 +353,7 @@ def child_eval(cfg, policies: dict) -> dict:
     import torch
 
     from posttrain.evaluate.report import sample_rows
-    from posttrain.evaluate.run import _prompts, _sample_model, kl_to_sft
+    from posttrain.evaluate.run import held_out_prompts, sample_model, kl_to_sft
     from posttrain.io import atomic_write_text
     from posttrain.model.adapters import load_policy, sampler, sft_only
     from posttrain.model.load import sampling_setup
@@ -361,7 +363,7 @@ def child_eval(cfg, policies: dict) -> dict:
             pass
 
     device, dtype, tok = sampling_setup(cfg)
-    rows, ids = _prompts(cfg, tok)
+    rows, ids = held_out_prompts(cfg, tok)
     texts, bs = [r["prompt"] for r in rows], cfg.eval.batch_size or cfg.generate.batch_size
     recs, kl = [], {}
     with torch.no_grad():
@@ -370,11 +372,11 @@ def child_eval(cfg, policies: dict) -> dict:
             _check_loaded(model, adapter)
             if k == 0:  # the SFT policy: base + SFT adapter, the start of both
                 with sft_only(model), sampler(model, cfg.model, device, dtype) as policy:
-                    recs += [("sft", r) for r in _sample_model(cfg, policy, tok, "sft", texts,
+                    recs += [("sft", r) for r in sample_model(cfg, policy, tok, "sft", texts,
                                                                ids, device, Bar())]
             part = f"{name}-{fingerprint(adapter)}"   # finished batches kept per adapter
             with sampler(model, cfg.model, device, dtype) as policy:
-                got = _sample_model(cfg, policy, tok, part, texts, ids, device, Bar())
+                got = sample_model(cfg, policy, tok, part, texts, ids, device, Bar())
             recs += [(name, r) for r in got]
             cut = cfg.eval.kl_prompts   # the KL on the first eval.kl_prompts prompts, as eval's
             scored = [r for r in got if cut is None or r.group < cut]

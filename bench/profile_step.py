@@ -14,7 +14,6 @@ kinds add up to about the step's time. Writes the table as JSON to
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict

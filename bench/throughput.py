@@ -147,34 +147,36 @@ def timed(fn, warmup: int, steps: int, device) -> list[tuple[float, object]]:
 
 def _sft_adapter(cfg, work: Path) -> Path:
     """The run's SFT adapter, or a fresh LoRA saved once in the bench folder."""
-    from posttrain import modeling
+    from posttrain.model.adapters import add_lora, save_adapter
+    from posttrain.model.load import load_base_model, load_tokenizer, resolve_device
     path = cfg.run_dir / "sft" / "adapter"
     if path.is_dir():
         return path
     path = work / "fresh-adapter"
     if not path.is_dir():
-        device = modeling.resolve_device(cfg.model)
-        model = modeling.add_lora(modeling.load_base_model(cfg.model, device), cfg.lora)
-        modeling.save_adapter(model, modeling.load_tokenizer(cfg.model), path)
+        device = resolve_device(cfg.model)
+        model = add_lora(load_base_model(cfg.model, device), cfg.lora)
+        save_adapter(model, load_tokenizer(cfg.model), path)
     return path
 
 
 def prepare(cfg, work: Path, n_samples: int) -> None:
     """Sample the offline RL steps' records once from the SFT policy (shared by rl/*)."""
-    from posttrain import modeling
+    from posttrain.model.adapters import load_policy, sampler
+    from posttrain.model.load import compute_dtype, load_tokenizer, resolve_device
     from posttrain.rollout import collect as C
     from posttrain.rollout.prompts import prompt_pool
     adapter = _sft_adapter(cfg, work)
-    device = modeling.resolve_device(cfg.model)
-    dtype = modeling.compute_dtype(cfg.model, device)
-    tok = modeling.load_tokenizer(cfg.model, str(adapter))
+    device = resolve_device(cfg.model)
+    dtype = compute_dtype(cfg.model, device)
+    tok = load_tokenizer(cfg.model, str(adapter))
     texts, ids = prompt_pool(cfg.data.train, cfg.data.train_split, tok, cfg)
     G = cfg.generate.samples_per_prompt
     n_prompts = -(-n_samples // G)
-    model = modeling.load_policy(cfg, device, adapter).eval()
+    model = load_policy(cfg, device, adapter).eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     jobs = C.make_jobs(texts[:n_prompts], ids[:n_prompts], cfg.generate.batch_size, tok, cfg)
-    with torch.no_grad(), modeling.sampler(model, cfg.model, device, dtype) as policy:
+    with torch.no_grad(), sampler(model, cfg.model, device, dtype) as policy:
         records = C.collect(jobs, C.hf_draw(policy, tok, G, cfg.generate.max_new_tokens,
                                             1.0, 1.0), lambda job: gen)
     (work / "records.json").write_text(json.dumps([r.to_row() for r in records]))
@@ -182,14 +184,16 @@ def prepare(cfg, work: Path, n_samples: int) -> None:
 
 def sft_step(cfg, n_steps):
     """One SFT optimizer step as a function of its index, and the device and dtype."""
-    from posttrain import modeling, sft
+    from posttrain import sft
+    from posttrain.model.adapters import add_lora
+    from posttrain.model.load import load_base_model, load_tokenizer
     from posttrain.data import collate
     from posttrain.train.dist import setup_accelerator
     from posttrain.train.loop import build_optimizer
     acc, dtype = setup_accelerator(cfg)
-    tok = modeling.load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model)
     train, _ = sft.load_examples(cfg, sft.load_split_rows(cfg), tok, log=lambda *a: None)
-    model = modeling.add_lora(modeling.load_base_model(cfg.model, acc.device), cfg.lora)
+    model = add_lora(load_base_model(cfg.model, acc.device), cfg.lora)
     N, d, V = model_dims(model)
     plan = sft.micro_batches(train, cfg)
     optimizer = build_optimizer(model, cfg.sft)
@@ -226,15 +230,16 @@ def run_sft(cfg, work, warmup, steps):
 
 
 def run_generate(cfg, work, warmup, steps, case):
-    from posttrain import modeling
+    from posttrain.model.adapters import load_policy, sampler
+    from posttrain.model.load import autocast, compute_dtype, load_tokenizer, resolve_device
     from posttrain.rollout.collect import sample_rollouts
     from posttrain.rollout.prompts import prompt_pool
     adapter = _sft_adapter(cfg, work)
-    device = modeling.resolve_device(cfg.model)
-    dtype = modeling.compute_dtype(cfg.model, device)
-    tok = modeling.load_tokenizer(cfg.model, str(adapter))
+    device = resolve_device(cfg.model)
+    dtype = compute_dtype(cfg.model, device)
+    tok = load_tokenizer(cfg.model, str(adapter))
     texts, ids = prompt_pool(cfg.data.train, cfg.data.train_split, tok, cfg)
-    model = modeling.load_policy(cfg, device, adapter).eval()
+    model = load_policy(cfg, device, adapter).eval()
     N, d, V = model_dims(model)
     g, B = cfg.generate, cfg.generate.batch_size
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -254,7 +259,7 @@ def run_generate(cfg, work, warmup, steps, case):
             batch = tok.pad({"input_ids": [ids[i] for i in batches[k]]},
                             return_tensors="pt").to(device)
             torch.manual_seed(cfg.seed + k)
-            with torch.no_grad(), modeling.autocast(device, dtype):
+            with torch.no_grad(), autocast(device, dtype):
                 out = model.generate(**batch, do_sample=True, temperature=g.temperature,
                                      top_p=g.top_p, top_k=0, max_new_tokens=g.max_new_tokens,
                                      num_return_sequences=g.samples_per_prompt,
@@ -269,7 +274,7 @@ def run_generate(cfg, work, warmup, steps, case):
         return timed(step, warmup, steps, device), device, dtype
 
     def step(k):
-        with torch.no_grad(), modeling.sampler(model, cfg.model, device, dtype) as policy:
+        with torch.no_grad(), sampler(model, cfg.model, device, dtype) as policy:
             recs = sample_rollouts(policy, tok, [texts[i] for i in batches[k]],
                                    [ids[i] for i in batches[k]], g.samples_per_prompt,
                                    g.max_new_tokens, gen, g.temperature, g.top_p)
@@ -286,7 +291,8 @@ def rl_step(cfg, work, case, n_steps):
     import dataclasses
     import shutil
 
-    from posttrain import modeling
+    from posttrain.model.adapters import RL, load_policy
+    from posttrain.model.load import load_tokenizer
     from posttrain.rl.credit import step_rewards
     from posttrain.rl.plan import step_plan
     from posttrain.rl.train import Round, train_step
@@ -295,19 +301,19 @@ def rl_step(cfg, work, case, n_steps):
     from posttrain.types import Rollout
     adapter = _sft_adapter(cfg, work)
     acc, dtype = setup_accelerator(cfg)
-    tok = modeling.load_tokenizer(cfg.model, str(adapter))
+    tok = load_tokenizer(cfg.model, str(adapter))
     records = [Rollout.from_row(r) for r in json.loads((work / "records.json").read_text())]
     reward, credit = step_rewards(records, [r.length(cfg.reward.unit) for r in records],
                                   tok, cfg)
     plan = step_plan(records, cfg, epochs=1.0)
     if len(plan) < n_steps:
         raise SystemExit(f"rl: only {len(plan)} steps of samples for {n_steps}")
-    model = modeling.load_policy(cfg, acc.device, adapter, rl="new")
+    model = load_policy(cfg, acc.device, adapter, rl="new")
     N, d, V = model_dims(model)
     # the loop's metrics and (never written) checkpoints go to a folder of the bench's own
     cfg = dataclasses.replace(cfg, out_dir=str(work / ("run-" + case.replace("/", "-"))))
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    loop = TrainLoop(cfg, "rl", cfg.rl, model, len(plan), acc, adapter=modeling.RL)
+    loop = TrainLoop(cfg, "rl", cfg.rl, model, len(plan), acc, adapter=RL)
     loop.model.train()
     rnd = Round(0, records, reward, credit, plan, None, {})
 
@@ -339,10 +345,10 @@ def child(args, overrides) -> None:
         prepare(cfg, work, plan_samples)
         return
     if args.case == "peak":
-        from posttrain import modeling
-        device = modeling.resolve_device(cfg.model)
+        from posttrain.model.load import bf16_supported, resolve_device
+        device = resolve_device(cfg.model)
         out = {"fp32": matmul_peak(device, torch.float32)}
-        if modeling.bf16_supported(device):
+        if bf16_supported(device):
             out["bf16"] = matmul_peak(device, torch.bfloat16)
         print("RESULT " + json.dumps(out))
         return

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     # lazy imports, here and below: they load torch and transformers, which `--help` never
     # needs (keeps it fast)
     from posttrain.data import DataError
-    from posttrain.modeling import ModelError
+    from posttrain.model.load import ModelError
     from posttrain.sft import TrainingError
 
     cfg = None

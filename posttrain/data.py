@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from posttrain.config import DataConfig
-from posttrain.types import Batch, Example  # noqa: F401  (also importable from here)
+from posttrain.types import Batch, Example
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SAMPLE_SPLITS = ("train", "validation")

@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import provenance, seeds
+from posttrain.io import finished
 from posttrain.config import Config
-from posttrain.done import finished
 from posttrain.model.adapters import load_policy, sampler
 from posttrain.model.load import autocast, resolve_model_path, sampling_setup
 from posttrain.model.choices import DeviceChoices

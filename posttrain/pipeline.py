@@ -27,13 +27,15 @@ from omegaconf import OmegaConf
 
 # every stage's module, loaded up front (a broken one fails before any stage runs);
 # the stages are run through the registry (`STAGES[name].run`)
-from posttrain import evaluate, generate, plot, rl, sft, view  # noqa: F401
+import posttrain.evaluate.run  # noqa: F401
+import posttrain.rl.train  # noqa: F401
+from posttrain import generate, plot, sft, view  # noqa: F401
 from posttrain.config import Config, ConfigError, to_yaml
 from posttrain.data import FILE_BUILDERS
 from posttrain.io import atomic_write_json, read_json
 from posttrain.model.choices import DeviceChoices
 from posttrain.model.load import resolve_device
-from posttrain.modeling import check_hub
+from posttrain.model.load import check_hub
 from posttrain.redo import (REDO, SWAPPING, Processes, prepare_shadow, run_in_shadow, served,
                             shadow_dir)
 from posttrain.redo import swap_in as _swap_in  # looked up here at call time: tests patch it
@@ -225,9 +227,9 @@ def _print_figures(cfg: Config, timings: dict) -> None:
               f"mean {100 * report['mean_change']:+.1f}%, ROUGE-L {report['rougeL_diff']:+.2f}")
     f = report.get("frontier", {})
     if "rl" in f:
-        rl, b = f["rl"], f["budget"]
-        print(f"  best-of-N frontier: RL matches the SFT's best-of-{rl['matches_n']:.1f} "
-              f"(<= {rl['matches_kl']:.2f} nats) at {rl['kl_per_summary']:.2f} nats per summary;"
+        m, b = f["rl"], f["budget"]
+        print(f"  best-of-N frontier: RL matches the SFT's best-of-{m['matches_n']:.1f} "
+              f"(<= {m['matches_kl']:.2f} nats) at {m['kl_per_summary']:.2f} nats per summary;"
               f" best-of-{b['n']} budget {b['kl_per_summary']:.3f}")
     for label, path in (("report", cfg.run_dir / "eval" / "report.md"),
                         ("figures", cfg.run_dir / "plots"),

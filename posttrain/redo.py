@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from posttrain.config import Config
 from posttrain.io import atomic_write_json, atomic_write_text, read_json
 from posttrain.metrics import read_metrics
-from posttrain.modeling import resolve_device
+from posttrain.model.load import resolve_device
 from posttrain.stages import STAGES, clear_stale, config_diff, made, set_stale, stale
 
 REDO = "redo.json"     # in the run directory: what a `run --force` has redone so far

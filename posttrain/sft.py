@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from posttrain import seeds
+from posttrain.io import finished
 from posttrain.config import Config
 from posttrain.data import collate, cue_rows, length_grouped_batches, load_rows, tokenize_rows
-from posttrain.done import finished
 from posttrain.model.adapters import add_lora
 from posttrain.model.forward import completion_logits
 from posttrain.model.load import check_context, load_base_model, load_tokenizer

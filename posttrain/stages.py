@@ -59,7 +59,7 @@ STAGES = {s.name: s for s in (
           ("model", "lora", "data", "generate", "reward", "rl"),
           "PPO-style RL (offline on the generated set, or online rounds) against the frozen "
           "SFT policy", shared=True, what="RL adapter"),
-    Stage("eval", "posttrain.evaluate", "eval", "report.json", _EVAL,
+    Stage("eval", "posttrain.evaluate.run", "eval", "report.json", _EVAL,
           ("model", "data", "generate", "reward", "eval"),
           "sample base/SFT/RL on held-out prompts; length spread, ROUGE, KL -> report"),
     Stage("plot", "posttrain.plot", "plots", None, (), (),

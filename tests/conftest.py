@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain import modeling, view
+from posttrain import view
+from posttrain.model.load import load_base_model, load_tokenizer
 from posttrain.config import load_config
 
 
@@ -90,8 +91,8 @@ def tiny_args():
 
 # the tiny model and its tokenizer (test_sft.py, unit and integration)
 def _tiny(cfg):
-    tok = modeling.load_tokenizer(cfg.model)
-    model = modeling.load_base_model(cfg.model, torch.device("cpu"))
+    tok = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model, torch.device("cpu"))
     return tok, model
 
 

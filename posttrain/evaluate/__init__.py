@@ -15,8 +15,3 @@ differences come from the policies. Finished batches go to `parts/`: a killed ru
 The pieces: run.py (sampling, KL), stats.py (pure figures), frontier.py (best-of-N),
 report.py (the outputs).
 """
-from posttrain.evaluate.stats import (bootstrap_ratio, by_target, compare,  # noqa: F401
-                                        length_summary, rouge, subreddit, summarize)
-from posttrain.evaluate.report import finish, report_markdown  # noqa: F401
-from posttrain.evaluate.run import eval_targets, kl_to_sft, run  # noqa: F401
-from posttrain.rewards import is_abrupt  # noqa: F401  (the one ending rule)

@@ -10,9 +10,9 @@ from tqdm.auto import tqdm
 
 from posttrain import objectives as O
 from posttrain import provenance, seeds
+from posttrain.io import finished
 from posttrain.config import Config, ConfigError
 from posttrain.data import DataError, round_length
-from posttrain.done import finished
 from posttrain.evaluate.report import finish
 from posttrain.model.adapters import load_policy, sampler, sft_only
 from posttrain.model.forward import policy_logprobs
@@ -80,7 +80,7 @@ def _load_models(cfg: Config, device):
                         with_base="base" in wanted), "rl" in wanted)
 
 
-def _prompts(cfg: Config, tokenizer) -> tuple[list[dict], list]:
+def held_out_prompts(cfg: Config, tokenizer) -> tuple[list[dict], list]:
     """The held-out rows judged: eval.num_prompts of them after eval.skip_prompts."""
     e = cfg.eval
     rows, ids = heldout_rows(e.prompts or cfg.data.eval, e.prompts_split or cfg.data.eval_split,
@@ -93,7 +93,7 @@ def _prompts(cfg: Config, tokenizer) -> tuple[list[dict], list]:
     return rows, ids
 
 
-def _sample_model(cfg: Config, policy, tokenizer, name: str, texts, ids, device, bar) -> list:
+def sample_model(cfg: Config, policy, tokenizer, name: str, texts, ids, device, bar) -> list:
     """One model's samples, at every requested length; batch b of every model shares a
     seed. Finished batches are kept in eval/parts/."""
     e, bs = cfg.eval, cfg.eval.batch_size or cfg.generate.batch_size
@@ -118,7 +118,7 @@ def run(cfg: Config) -> dict:
     if done is not None:
         return done
     device, dtype, tokenizer = sampling_setup(cfg)
-    rows, ids = _prompts(cfg, tokenizer)
+    rows, ids = held_out_prompts(cfg, tokenizer)
     texts = [r["prompt"] for r in rows]
     model, has_rl = _load_models(cfg, device)
     model.eval()
@@ -130,7 +130,7 @@ def run(cfg: Config) -> dict:
     for name in e.models:
         with _policy_context(model, name, has_rl), \
                 sampler(model, cfg.model, device, dtype) as policy:
-            rollouts = _sample_model(cfg, policy, tokenizer, name, texts, ids, device, bar)
+            rollouts = sample_model(cfg, policy, tokenizer, name, texts, ids, device, bar)
         # 2. the RL policy's KL to SFT on its own samples
         if name == "rl":
             scored = [r for r in rollouts if e.kl_prompts is None or r.group < e.kl_prompts]

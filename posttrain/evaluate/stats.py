@@ -7,7 +7,15 @@ import statistics
 
 import numpy as np
 
-from posttrain.lengths import summary as length_summary
+
+
+def length_summary(values) -> dict:
+    """mean, var (population), std, p5, p50, p95 of a list of lengths: the one length
+    spread every stage logs and the report states."""
+    x = np.asarray(values, dtype=np.float64)
+    p5, p50, p95 = np.percentile(x, [5, 50, 95])
+    return {"mean": float(x.mean()), "var": float(x.var()), "std": float(x.std()),
+            "p5": float(p5), "p50": float(p50), "p95": float(p95)}
 
 
 def rouge(predictions: list[str], references: list[str]) -> list[dict]:

@@ -5,7 +5,7 @@ import torch
 
 from posttrain import seeds
 from posttrain.config import Config
-from posttrain.lengths import spread
+from posttrain.evaluate.stats import length_summary
 from posttrain.model.adapters import sampler
 from posttrain.rollout import collect as C
 from posttrain.rollout.prompts import prompt_pool
@@ -34,6 +34,6 @@ class HeldOut:
                                                  g.max_new_tokens, g.temperature, g.top_p),
                                  lambda job: gen)
         model.train(was_training)
-        chars = spread([r.length_chars for r in rollouts])
+        chars = length_summary([r.length_chars for r in rollouts])
         return {"eval_len_mean": chars["mean"], "eval_len_std": chars["std"],
                 "eval_eos_rate": sum(r.ended_with_eos for r in rollouts) / len(rollouts)}

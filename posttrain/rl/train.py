@@ -35,9 +35,8 @@ import torch
 from posttrain import objectives as O
 from posttrain import seeds
 from posttrain.config import Config
-from posttrain.done import finished
-from posttrain.io import atomic_write_json
-from posttrain.lengths import spread
+from posttrain.io import atomic_write_json, finished
+from posttrain.evaluate.stats import length_summary
 from posttrain.model.adapters import RL, load_policy, sampler, sft_only
 from posttrain.model.choices import DeviceChoices
 from posttrain.model.forward import policy_logprobs
@@ -122,7 +121,7 @@ def online_rounds(cfg: Config, loop: TrainLoop, tokenizer, dtype) -> Iterator[Ro
         extra["sampled_tokens"] = extra.get("sampled_tokens", 0) + sum(
             len(r.completion_ids) for r in rollouts)
         reward, credit = step_rewards(rollouts, extra["reward_lengths"], tokenizer, cfg)
-        chars = spread([r.length_chars for r in rollouts])
+        chars = length_summary([r.length_chars for r in rollouts])
         logged = dict(round=it + 1, round_len_mean=chars["mean"], round_len_std=chars["std"],
                       sample_seconds=seconds, sampled_tokens=extra["sampled_tokens"],
                       round_eos_rate=sum(r.ended_with_eos for r in rollouts) / len(rollouts),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from posttrain.data import DataError
 from posttrain.io import atomic_dir, atomic_write_json
-from posttrain.lengths import spread
+from posttrain.evaluate.stats import length_summary
 from posttrain.types import Rollout
 
 
@@ -23,8 +23,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def length_stats(rollouts: list[Rollout]) -> dict:
     """The set's length spread in chars and tokens, and its EOS rate."""
     return {"count": len(rollouts),
-            "length_chars": spread([r.length_chars for r in rollouts]),
-            "length_tokens": spread([r.length_tokens for r in rollouts]),
+            "length_chars": length_summary([r.length_chars for r in rollouts]),
+            "length_tokens": length_summary([r.length_tokens for r in rollouts]),
             "eos_rate": sum(r.ended_with_eos for r in rollouts) / len(rollouts)}
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from posttrain import modeling, pipeline, sft
+from posttrain import pipeline, sft
+from posttrain.model.adapters import RL
 from posttrain.train import dist
 from posttrain.train.loop import TrainLoop
 from posttrain.config import load_config
@@ -54,7 +55,7 @@ finish = TrainLoop.finish
 
 def finish_and_keep(self, *a, **k):  # the RL loop's end, with the trained RL adapter
     if self.stage == "rl":
-        weights["rl"] = lora(self.unwrapped, modeling.RL)
+        weights["rl"] = lora(self.unwrapped, RL)
     return finish(self, *a, **k)
 
 

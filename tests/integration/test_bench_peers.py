@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
-from posttrain import modeling
+from posttrain.model.load import load_tokenizer
 from posttrain.rl.credit import step_rewards
 from posttrain.rollout.collect import rollouts_of
 from posttrain.types import Sample
@@ -59,7 +59,7 @@ def test_the_trl_reward_is_posttrains_reward(tiny_cfg, unit):
     the ending rule included, with the first call's length statistics kept for the next."""
     from peers_trl import PosttrainReward
     cfg = tiny_cfg("reward.name=zscore", "reward.ending=-1", f"reward.unit={unit}")
-    tok = modeling.load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model)
     eos = tok.eos_token_id
     prompts = ["POST: my cat broke a glass.\n\nTL;DR:", "POST: the dog ate my lunch.\n\nTL;DR:"]
     first = [("cat broke a glass.", True), ("a much longer summary of it, and it ends!", True),

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from posttrain import evaluate, modeling
+from posttrain.evaluate import run as evaluate
+from posttrain.model.adapters import load_policy
+from posttrain.model.load import load_tokenizer
 
 
 def test_kl_of_an_unchanged_policy_is_zero(tiny_cfg, tmp_path):
@@ -15,8 +17,8 @@ def test_kl_of_an_unchanged_policy_is_zero(tiny_cfg, tmp_path):
 
     cfg = tiny_cfg("sft.max_steps=1", "data.max_train_rows=4")
     sft.run(cfg)
-    tok = modeling.load_tokenizer(cfg.model)
-    model = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter",
+    tok = load_tokenizer(cfg.model)
+    model = load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter",
                                  rl="new").eval()
     texts, ids = prompt_pool("sample", "validation", tok, cfg)
     with torch.no_grad():
@@ -33,7 +35,7 @@ def test_judge_rows_that_training_never_read(tiny_cfg):
     cfg = tiny_cfg("generate.max_prompts=5", "eval.models=[base]", "eval.prompts=sample",
                    "eval.prompts_split=train", "eval.skip_prompts=5", "eval.num_prompts=3",
                    "eval.samples_per_prompt=1", "generate.max_new_tokens=4")
-    tok = modeling.load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model)
     texts, ids = train_prompt_pool(tok, cfg)
     all_texts, all_ids = prompt_pool("sample", "train", tok, cfg)
     assert texts == all_texts[:5] and ids == all_ids[:5] and len(all_texts) > 8

@@ -7,12 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain import generate, modeling, objectives as O, sft
+from posttrain import generate, objectives as O, sft
+from posttrain.model.adapters import add_lora, load_policy, save_adapter, sft_only
+from posttrain.model.forward import completion_logits
+from posttrain.model.load import load_base_model, load_tokenizer
 from posttrain.rl import credit, plan
 from posttrain.rl import train as rl
 from posttrain.rollout.store import load_set
 from posttrain.train import checkpoint
-from posttrain.data import DataError, Example, collate
+from posttrain.data import DataError, collate
+from posttrain.types import Example
 from conftest import RL_ARGS
 
 
@@ -60,7 +64,7 @@ def assert_resume_matches(cfg, ref_w, monkeypatch):
 def test_generate_stores_pi_sft_logprobs_and_scores(run_cfg):
     cfg = run_cfg()
     stats = generate.run(cfg)
-    records, loaded = load_set(cfg.run_dir, modeling.load_tokenizer(cfg.model))
+    records, loaded = load_set(cfg.run_dir, load_tokenizer(cfg.model))
     assert len(records) == 24 and loaded == stats
     for key in ("prompt", "completion", "completion_ids", "logprobs", "stop_logprobs", "ended_with_eos",
                 "truncated", "length_chars", "length_tokens", "score"):
@@ -69,15 +73,15 @@ def test_generate_stores_pi_sft_logprobs_and_scores(run_cfg):
     assert stats["length_chars"]["var"] == pytest.approx(stats["length_chars"]["std"] ** 2)
     assert all(len(r.logprobs) == len(r.completion_ids) <= 12 for r in records)
     # recompute the log-probs once with a plain forward pass of the SFT policy
-    model = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
+    model = load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
     batch = collate([Example(tuple(r.prompt_ids), tuple(r.completion_ids)) for r in records[:6]],
-                    modeling.load_tokenizer(cfg.model).pad_token_id)
+                    load_tokenizer(cfg.model).pad_token_id)
     with torch.no_grad():
-        lp = O.gather_logprobs(modeling.completion_logits(model, batch), batch.targets)
+        lp = O.gather_logprobs(completion_logits(model, batch), batch.targets)
     stored = torch.tensor([x for r in records[:6] for x in r.logprobs])
     torch.testing.assert_close(lp, stored, rtol=1e-4, atol=1e-4)
-    _, lp_stop = O.target_and_stop_logprobs(modeling.completion_logits(model, batch).detach(),
-                                            batch.targets, modeling.load_tokenizer(cfg.model).eos_token_id)
+    _, lp_stop = O.target_and_stop_logprobs(completion_logits(model, batch).detach(),
+                                            batch.targets, load_tokenizer(cfg.model).eos_token_id)
     stored_stop = torch.tensor([x for r in records[:6] for x in r.stop_logprobs])
     torch.testing.assert_close(lp_stop, stored_stop, rtol=1e-4, atol=1e-4)
     # a second call finds the finished set
@@ -103,11 +107,11 @@ def test_rl_ratio_is_one_at_step_zero_and_only_rl_adapter_trains(run_cfg):
     rl_weights = load_file(str(cfg.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in rl_weights.items() if "lora_B" in k)
     # the SFT adapter is untouched: the RL policy with its adapter disabled is the SFT model
-    policy = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter",
+    policy = load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter",
                                   rl=cfg.run_dir / "rl" / "adapter").eval()
-    plain = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
+    plain = load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
     x = torch.tensor([[3, 4, 5, 6]])
-    with torch.no_grad(), modeling.sft_only(policy):
+    with torch.no_grad(), sft_only(policy):
         torch.testing.assert_close(policy(input_ids=x).logits, plain(input_ids=x).logits)
     with torch.no_grad():
         assert (policy(input_ids=x).logits - plain(input_ids=x).logits).abs().max() > 1e-4
@@ -173,14 +177,14 @@ def test_frozen_sft_adapter_has_no_dropout_in_train_mode(run_cfg, tmp_path):
     """pi_sft inside the RL policy must be deterministic even while the RL adapter trains."""
     from posttrain.config import LoraConfig
     cfg = run_cfg("lora.dropout=0.5")
-    tok = modeling.load_tokenizer(cfg.model)
-    sft_model = modeling.add_lora(modeling.load_base_model(cfg.model, torch.device("cpu")),
+    tok = load_tokenizer(cfg.model)
+    sft_model = add_lora(load_base_model(cfg.model, torch.device("cpu")),
                                   LoraConfig(rank=4, dropout=0.5))
     for n, p in sft_model.named_parameters():
         if "lora_B" in n:
             p.data.normal_()                     # an SFT adapter that really changes outputs
-    modeling.save_adapter(sft_model, tok, tmp_path / "sft-adapter")
-    policy = modeling.load_policy(cfg, torch.device("cpu"), tmp_path / "sft-adapter", rl="new")
+    save_adapter(sft_model, tok, tmp_path / "sft-adapter")
+    policy = load_policy(cfg, torch.device("cpu"), tmp_path / "sft-adapter", rl="new")
     policy.train()
     x = torch.tensor([[3, 4, 5, 6, 7]])
     with torch.no_grad():
@@ -211,8 +215,8 @@ def test_group_advantages_with_sequence_aggregation(run_cfg):
 def test_stop_credit_mode_runs_and_moves_the_policy(run_cfg):
     cfg = run_cfg("rl.advantage=stop", "generate.max_new_tokens=8")
     generate.run(cfg)
-    records, _ = load_set(cfg.run_dir, modeling.load_tokenizer(cfg.model))
-    prefixes = credit.prefix_lengths(records, modeling.load_tokenizer(cfg.model), "chars")
+    records, _ = load_set(cfg.run_dir, load_tokenizer(cfg.model))
+    prefixes = credit.prefix_lengths(records, load_tokenizer(cfg.model), "chars")
     assert all(p[0] == 0 and len(p) == len(r.completion_ids) for p, r in zip(prefixes, records))
     assert all(p == sorted(p) for p in prefixes)
     summary = rl.run(cfg)
@@ -281,7 +285,7 @@ def test_vllm_backend_records_are_scored_by_the_sft_policy(run_cfg, monkeypatch)
     RL stage needs, their log-probs those of the SFT policy's own forward."""
     from posttrain.rollout import vllm as vllm_backend
     cfg = run_cfg("generate.backend=vllm", "generate.num_samples=8")
-    tok = modeling.load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model)
     eos = tok.eos_token_id
 
     class FakeSampler(vllm_backend.VLLMSampler):
@@ -306,11 +310,11 @@ def test_vllm_backend_records_are_scored_by_the_sft_policy(run_cfg, monkeypatch)
     stopped = [r for r in records if r.ended_with_eos]
     assert stopped and all(list(r.completion_ids) == [5, 6, 7, eos] for r in stopped)
     assert all(len(r.completion_ids) == 12 for r in records if not r.ended_with_eos)
-    model = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
+    model = load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter").eval()
     batch = collate([Example(tuple(r.prompt_ids), tuple(r.completion_ids))
                      for r in records], tok.pad_token_id)
     with torch.no_grad():
-        logits = modeling.completion_logits(model, batch)
+        logits = completion_logits(model, batch)
     lp, lp_stop = O.target_and_stop_logprobs(logits, batch.targets, eos)
     torch.testing.assert_close(lp, torch.tensor([x for r in records for x in r.logprobs]),
                                rtol=1e-4, atol=1e-4)

@@ -19,7 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain import evaluate, generate, modeling, pipeline, sft
+from posttrain import generate, pipeline, sft
+from posttrain.evaluate import run as evaluate
+from posttrain.model.load import ModelError, load_tokenizer
 from posttrain.rl import train as rl
 from posttrain.config import load_config
 from posttrain.rollout.store import load_set
@@ -94,7 +96,7 @@ def test_kill_9_mid_stage_then_resume_gives_the_uninterrupted_result(
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     elif stage == "generate":
-        tok = modeling.load_tokenizer(cfg.model)
+        tok = load_tokenizer(cfg.model)
         mine, theirs = load_set(out, tok)[0], load_set(ref, tok)[0]
         assert [r.completion_ids for r in mine] == [r.completion_ids for r in theirs]
         torch.testing.assert_close(torch.tensor([x for r in mine for x in r.logprobs]),
@@ -121,7 +123,7 @@ def test_same_seed_same_results_environment_recorded_token_never_written(
     cfg = load_config(None, _args(tiny_args, tiny_model_dir, tmp_path / "run"))
     pipeline.run(cfg)
     a, b = cfg.run_dir, reference.run_dir
-    tok = modeling.load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model)
     assert load_set(a, tok)[0] == load_set(b, tok)[0]          # identical generation sets
     metrics = [_strip_times([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()])
                for r in (a, b)]
@@ -165,6 +167,6 @@ def test_stage_alone_refuses_inputs_or_outputs_made_with_another_config(referenc
 
 def test_settings_past_the_models_context_are_refused(tiny_cfg):
     cfg = tiny_cfg("data.max_prompt_tokens=2000", "generate.max_new_tokens=100")
-    with pytest.raises(modeling.ModelError, match=r"data.max_prompt_tokens=2000.*context of 2048"):
+    with pytest.raises(ModelError, match=r"data.max_prompt_tokens=2000.*context of 2048"):
         sft.run(cfg)
     assert not (cfg.run_dir / "sft" / "adapter").exists()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain import modeling, sft
+from posttrain import sft
+from posttrain.model.adapters import load_adapter
 from posttrain.metrics import MetricsLogger
 from posttrain.data import load_rows, tokenize_rows
 from conftest import _tiny
@@ -33,7 +34,7 @@ def test_sft_lowers_loss_and_changes_only_lora(tiny_cfg):
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
     # the base model is untouched: loading the adapter on a fresh base reproduces the loss
     tok, base = _tiny(cfg)
-    model = modeling.load_adapter(base, out / "adapter")
+    model = load_adapter(base, out / "adapter")
     rows = load_rows("sample", "validation", cfg.data)
     ex, _ = tokenize_rows(rows, tok, cfg.data)
     loss = sft.evaluate_loss(model, ex[:8], tok, 8, _NoAccelerator())

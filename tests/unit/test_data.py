@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from posttrain.config import DataConfig
-from posttrain.data import (DataError, Example, collate, cue_rows, fit_prompt,
+from posttrain.types import Example
+from posttrain.data import (DataError, collate, cue_rows, fit_prompt,
                             length_grouped_batches, load_rows, requested_length, round_length,
                             tokenize_rows, with_length_cue)
 from conftest import CUE, write_jsonl

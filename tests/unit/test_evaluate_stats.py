@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from posttrain import evaluate
+from posttrain.evaluate import stats as evaluate
+from posttrain.rewards import is_abrupt
 
 
 def test_length_summary_known_values():
@@ -30,7 +31,7 @@ def test_rouge_hand_computed():
     ("i broke the vase and then", False, True), ("so yeah...", False, True),
     ("all done.", True, True), ("", False, True), ('he said "fine."', False, False)])
 def test_abrupt_endings(text, truncated, abrupt):
-    assert evaluate.is_abrupt(text, truncated) is abrupt
+    assert is_abrupt(text, truncated) is abrupt
 
 
 def _sample(model, length, rouge_l, eos=True):

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from posttrain import modeling, provenance
+from posttrain import provenance
+from posttrain.model.adapters import add_lora, load_policy, save_adapter, sft_only
+from posttrain.model.load import autocast, bf16_supported, load_base_model, load_tokenizer
 from posttrain.config import LoraConfig, ModelConfig, load_config
 from posttrain.model import load as model_load
 from posttrain.model.choices import DeviceChoices
@@ -91,7 +93,7 @@ def test_environment_records_the_choices(bf16, tmp_path):
 def _lora_logprobs_and_grads(model, x):
     from posttrain import objectives as O
     model.zero_grad(set_to_none=True)
-    with modeling.autocast(CPU, torch.bfloat16):
+    with autocast(CPU, torch.bfloat16):
         logits = model(input_ids=x).logits[0, :-1]
     lp = O.gather_logprobs(logits, x[0, 1:]).float()
     lp.sum().backward()
@@ -103,14 +105,14 @@ def test_matmul_storage_is_exactly_autocast_over_fp32(tiny_model_dir):
     """model.frozen_dtype=matmul stores the linear and LM-head weights in bf16 and keeps
     the embedding, norms and LoRA in fp32; under bf16 autocast its log-probs and the LoRA
     gradients equal the fp32-stored model's bit for bit."""
-    if not modeling.bf16_supported(CPU):
+    if not bf16_supported(CPU):
         pytest.skip("this CPU has no bf16")
     x = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
     out = {}
     for frozen in ("fp32", "matmul"):
         cfg = ModelConfig(name=str(tiny_model_dir), precision="bf16", frozen_dtype=frozen)
         torch.manual_seed(0)
-        model = modeling.add_lora(modeling.load_base_model(cfg, CPU), LoraConfig(rank=4))
+        model = add_lora(load_base_model(cfg, CPU), LoraConfig(rank=4))
         for n, p in model.named_parameters():
             if "lora_B" in n:  # nonzero, so the A gradients are too
                 p.data.normal_(0, 0.1)
@@ -135,11 +137,11 @@ def test_matmul_storage_is_exactly_autocast_over_fp32(tiny_model_dir):
 
 def _random_sft_adapter(cfg, path):
     torch.manual_seed(1)
-    model = modeling.add_lora(modeling.load_base_model(cfg.model, CPU), cfg.lora)
+    model = add_lora(load_base_model(cfg.model, CPU), cfg.lora)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.2)
-    modeling.save_adapter(model, modeling.load_tokenizer(cfg.model), path)
+    save_adapter(model, load_tokenizer(cfg.model), path)
     return path
 
 
@@ -164,12 +166,12 @@ def test_merged_sft_is_the_same_policy(tiny_cfg, tmp_path):
     x = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
     cfg = tiny_cfg()
     sft = _random_sft_adapter(cfg, tmp_path / "sft")
-    plain = modeling.load_policy(cfg, CPU, sft, rl="new", with_base=True).eval()
-    merged = modeling.load_policy(cfg, CPU, sft, rl="new").eval()
+    plain = load_policy(cfg, CPU, sft, rl="new", with_base=True).eval()
+    merged = load_policy(cfg, CPU, sft, rl="new").eval()
     assert list(merged.peft_config) == ["rl"] and set(plain.peft_config) == {"sft", "rl"}
     assert {n for n, p in merged.named_parameters() if p.requires_grad} == \
         {n for n, p in plain.named_parameters() if p.requires_grad}
-    sft_alone = modeling.load_policy(cfg, CPU, sft, with_base=True).eval()
+    sft_alone = load_policy(cfg, CPU, sft, with_base=True).eval()
     torch.testing.assert_close(_logprobs(merged, x), _logprobs(sft_alone, x),
                                rtol=0, atol=1e-5)
     for model in (plain, merged):
@@ -177,12 +179,12 @@ def test_merged_sft_is_the_same_policy(tiny_cfg, tmp_path):
     on = _logprobs(merged, x)
     assert (on - _logprobs(sft_alone, x)).abs().max() > 1e-3   # the RL adapter does act
     torch.testing.assert_close(on, _logprobs(plain, x), rtol=0, atol=1e-5)
-    with modeling.sft_only(merged):
+    with sft_only(merged):
         torch.testing.assert_close(_logprobs(merged, x), _logprobs(sft_alone, x),
                                    rtol=0, atol=1e-5)
     torch.testing.assert_close(_logprobs(merged, x), on, rtol=0, atol=0)  # back on
-    modeling.save_adapter(merged, modeling.load_tokenizer(cfg.model), tmp_path / "rl", "rl")
-    again = modeling.load_policy(cfg, CPU, sft, rl=tmp_path / "rl", with_base=True).eval()
+    save_adapter(merged, load_tokenizer(cfg.model), tmp_path / "rl", "rl")
+    again = load_policy(cfg, CPU, sft, rl=tmp_path / "rl", with_base=True).eval()
     torch.testing.assert_close(_logprobs(again, x), on, rtol=0, atol=1e-5)
 
 
@@ -191,9 +193,9 @@ def test_merged_sft_keeps_the_base_when_asked(tiny_cfg, tmp_path):
     4-bit-free policy without RL is the merged model itself."""
     cfg = tiny_cfg()
     sft = _random_sft_adapter(cfg, tmp_path / "sft")
-    kept = modeling.load_policy(cfg, CPU, sft, with_base=True)
+    kept = load_policy(cfg, CPU, sft, with_base=True)
     assert list(kept.peft_config) == ["sft"]
-    merged = modeling.load_policy(cfg, CPU, sft)
+    merged = load_policy(cfg, CPU, sft)
     assert not hasattr(merged, "peft_config")
 
 
@@ -234,7 +236,7 @@ def test_skipping_peft_input_casts_gives_the_same_numbers(tiny_cfg, tmp_path):
     x = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
     out = {}
     for casts in (False, True):
-        model = modeling.load_policy(cfg, CPU, sft, rl="new").eval()
+        model = load_policy(cfg, CPU, sft, rl="new").eval()
         _nudge_rl(model)
         layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
         assert layers and not any(m.cast_input_dtype_enabled for m in layers)

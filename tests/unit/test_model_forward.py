@@ -3,8 +3,11 @@ completion positions, and the shared prompt pass (policy_logprobs) equal to the 
 import pytest
 import torch
 
-from posttrain import modeling, sft
-from posttrain.data import Example, collate, load_rows, tokenize_rows
+from posttrain import sft
+from posttrain.model.forward import completion_logits, grouped_completion_logits, policy_logprobs
+from posttrain.model.load import autocast, bf16_supported, compute_dtype, load_base_model
+from posttrain.data import collate, load_rows, tokenize_rows
+from posttrain.types import Example
 from conftest import _tiny
 
 
@@ -17,7 +20,7 @@ def test_no_attention_across_examples(tiny_cfg):
     alone = [sft.completion_loss(model, collate([e], tok.pad_token_id), "sum") for e in ex]
     for packed in (False, True):
         batch = collate(ex, tok.pad_token_id, packed=packed)
-        logits = modeling.completion_logits(model, batch)
+        logits = completion_logits(model, batch)
         per_token = torch.nn.functional.cross_entropy(logits, batch.targets, reduction="none")
         per_example = torch.zeros(len(ex)).index_add(0, batch.example_index, per_token)
         torch.testing.assert_close(per_example, torch.stack(alone), rtol=1e-4, atol=1e-4)
@@ -27,7 +30,7 @@ def test_logits_only_at_completion_positions(tiny_cfg):
     cfg = tiny_cfg()
     tok, model = _tiny(cfg)
     batch = collate([Example((3, 4, 5, 6), (7, 8, tok.eos_token_id))], tok.pad_token_id)
-    logits = modeling.completion_logits(model, batch)
+    logits = completion_logits(model, batch)
     assert logits.shape == (3, model.config.vocab_size)
     full = model(input_ids=batch.input_ids).logits[0, 3:6]
     torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
@@ -51,7 +54,7 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir
     give the log-probs and gradients of the plain way (the LM head at every position, a
     full log-softmax)."""
     from posttrain.config import ModelConfig
-    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
+    model = load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
                                      torch.device("cpu"))
     params = [p.requires_grad_() for p in model.parameters()]
     records = [Example(tuple(p), tuple(c)) for p, c in (
@@ -61,12 +64,12 @@ def test_shared_prompt_pass_gives_the_same_logprobs_and_gradients(tiny_model_dir
     plain, plain_stop = _plain_logprobs(model, records, groups, 1)
     plain_grads = torch.autograd.grad(plain.sum(), params)
     for share in (True, False):
-        lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"),
+        lp = policy_logprobs(model, records, groups, 0, torch.device("cpu"),
                                       share).tokens
         torch.testing.assert_close(lp.detach(), plain.detach(), rtol=1e-5, atol=1e-5)
         for a, b in zip(torch.autograd.grad(lp.sum(), params), plain_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        lp_t, lp_s = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"),
+        lp_t, lp_s = policy_logprobs(model, records, groups, 0, torch.device("cpu"),
                                               share, stop_id=1)
         torch.testing.assert_close(lp_t.detach(), lp.detach())
         torch.testing.assert_close(lp_s.detach(), plain_stop.detach(), rtol=1e-5, atol=1e-5)
@@ -77,19 +80,19 @@ def test_grouped_logprobs_equal_the_interleaved_logits_exactly(tiny_model_dir):
     putting them in order: bit for bit what the interleaved (N, V) logits give."""
     from posttrain import objectives as O
     from posttrain.config import ModelConfig
-    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
+    model = load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
                                      torch.device("cpu"))
     records = [Example(tuple(p), tuple(c)) for p, c in (
         ([5, 6, 7, 8, 9], [1, 2, 3]), ([5, 6, 7, 8, 9], [4]),
         ([10, 11], [7, 7, 7, 7, 1]), ([10, 11], [2, 3]))]
     groups = [[0, 1], [2, 3]]
-    logits = modeling.grouped_completion_logits(
+    logits = grouped_completion_logits(
         model, [records[g[0]].prompt_ids for g in groups],
         [[records[i].completion_ids for i in g] for g in groups], 0, torch.device("cpu"))
     targets = torch.tensor([t for g in groups for i in g for t in records[i].completion_ids])
-    got = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True)
+    got = policy_logprobs(model, records, groups, 0, torch.device("cpu"), True)
     assert torch.equal(got.tokens, O.gather_logprobs(logits, targets)) and got.stop is None
-    got = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
+    got = policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
                                    stop_id=1)
     want = O.target_and_stop_logprobs(logits, targets, 1)
     assert torch.equal(got.tokens, want[0]) and torch.equal(got.stop, want[1])
@@ -107,7 +110,7 @@ def test_length_chunks_split_by_length_at_the_least_padding():
 
 def _policy_and_grads(model, records, groups):
     params = [p for p in model.parameters() if p.requires_grad]
-    lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
+    lp = policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
                                   stop_id=1)
     grads = torch.autograd.grad((lp.tokens + 0.5 * lp.stop).sum(), params)
     return lp.tokens.detach(), lp.stop.detach(), grads
@@ -127,7 +130,7 @@ def test_length_chunked_and_gqa_passes_give_the_plain_numbers(tiny_model_dir, mo
     groups = [[0, 1, 2], [3, 4, 5]]
     out = {}
     for gqa in (True, False):
-        model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32",
+        model = load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32",
                                                      gqa_attention=gqa), torch.device("cpu"))
         assert (model.config._attn_implementation == "posttrain_sdpa_gqa") == gqa
         for p in model.parameters():
@@ -147,7 +150,7 @@ def test_gqa_attention_output_is_sdpa_bit_for_bit(tiny_model_dir):
     """The grouped-query call gives transformers' sdpa attention output exactly, with
     left padding, in a prompt pass and in a pass against its cache."""
     from posttrain.config import ModelConfig
-    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
+    model = load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
                                      torch.device("cpu"))
     ids, mask = _left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
     outs = {}
@@ -172,7 +175,7 @@ def test_fp32_cached_attention_under_bf16_stays_within_rounding(tiny_model_dir):
     (model.fp32_cached_attention) give the bf16 kernel's log-probs to within bf16 rounding
     (stated tolerance: 0.05 nats per token, mean under 0.01), and both are near fp32."""
     from posttrain.config import ModelConfig
-    if not modeling.bf16_supported(torch.device("cpu")):
+    if not bf16_supported(torch.device("cpu")):
         pytest.skip("this CPU has no bf16")
     records = [Example(tuple(range(5, 40)), tuple(c)) for c in
                ([1, 2, 3, 4, 5, 6, 7, 8, 9], [4, 5], [3, 3, 3])]
@@ -182,10 +185,10 @@ def test_fp32_cached_attention_under_bf16_stays_within_rounding(tiny_model_dir):
                      ("bf16", dict(precision="bf16", fp32_cached_attention=False)),
                      ("mixed", dict(precision="bf16"))):
         cfg = ModelConfig(name=str(tiny_model_dir), **kw)
-        model = modeling.load_base_model(cfg, torch.device("cpu"))
-        with torch.no_grad(), modeling.autocast(torch.device("cpu"),
-                                                modeling.compute_dtype(cfg, torch.device("cpu"))):
-            got[name] = modeling.policy_logprobs(model, records, groups, 0,
+        model = load_base_model(cfg, torch.device("cpu"))
+        with torch.no_grad(), autocast(torch.device("cpu"),
+                                                compute_dtype(cfg, torch.device("cpu"))):
+            got[name] = policy_logprobs(model, records, groups, 0,
                                                  torch.device("cpu"), True).tokens
     for name in ("bf16", "mixed"):
         diff = (got[name] - got["fp32"]).abs()
@@ -238,7 +241,7 @@ def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient
     real = forward._completion_pass
     monkeypatch.setattr(forward, "_completion_pass",
                         lambda *a, **k: passes.append(a[2]) or real(*a, **k))
-    model = modeling.load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
+    model = load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32"),
                                      torch.device("cpu"))
     params = [p.requires_grad_() for p in model.parameters()]
     records = [Example(tuple(p), tuple(c)) for p, c in (
@@ -247,7 +250,7 @@ def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient
         ([12], [3, 4, 5]), ([12], [6]))]
     for groups in ([[0, 1], [2, 3], [4, 5]], [[4, 5]]):
         passes.clear()
-        lp = modeling.policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
+        lp = policy_logprobs(model, records, groups, 0, torch.device("cpu"), True,
                                       stop_id=1, prompt_grad=False)
         assert len(passes) == (len({len(records[i].completion_ids) for g in groups for i in g})
                                if chunked else 1)
@@ -265,6 +268,6 @@ def test_no_prompt_grad_gives_the_same_logprobs_and_the_completion_only_gradient
             for a, b in zip(grads, full[2]):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="shared prompt"):
-        modeling.policy_logprobs(model, records, [[0, 1]], 0, torch.device("cpu"), False,
+        policy_logprobs(model, records, [[0, 1]], 0, torch.device("cpu"), False,
                                  prompt_grad=False)
 

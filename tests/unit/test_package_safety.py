@@ -3,7 +3,7 @@ import re
 import sys
 from pathlib import Path
 
-from posttrain import modeling
+from posttrain.model.load import load_base_model
 
 
 def test_no_pickle_loads_or_remote_code_by_default():
@@ -24,5 +24,5 @@ def test_no_pickle_loads_or_remote_code_by_default():
         assert "pickle" not in text, name
     # the scan reached the checkpoint loader inside a subpackage (the call the rule is for)
     assert "train/checkpoint.py" in loads, sorted(loads)
-    loader = sys.modules[modeling.load_base_model.__module__]   # wherever the loading lives
+    loader = sys.modules[load_base_model.__module__]   # wherever the loading lives
     assert "use_safetensors=True" in Path(loader.__file__).read_text()

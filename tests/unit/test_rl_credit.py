@@ -3,7 +3,7 @@ credit (rewards, prefix texts, clean stops)."""
 import pytest
 import torch
 
-from posttrain import modeling
+from posttrain.model.load import load_tokenizer
 from posttrain.rl import credit
 from posttrain.types import Rollout
 from conftest import RL_ARGS
@@ -35,7 +35,7 @@ def test_ending_aware_stop_credit_counts_only_clean_stops(run_cfg):
     """With reward.ending, an abrupt sample's reward is the penalty, and the stop credit has
     no counterfactual at a position where the prefix would end mid-sentence."""
     cfg = run_cfg("rl.advantage=group_stop", "reward.ending=-1")
-    tok = modeling.load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model)
     texts = ["I lost it. Then I ran", "Short. Done."]
     records = []
     for k, t in enumerate(texts):

@@ -3,7 +3,7 @@ policy as the adapters it merges (and leaves the trained model as it was)."""
 import pytest
 import torch
 
-from posttrain import modeling
+from posttrain.model.adapters import load_policy, sampler, sft_only
 from posttrain.rollout import hf as sampling
 
 
@@ -24,7 +24,7 @@ def two_adapter_policy(tiny_cfg):
     from posttrain import sft
     cfg = tiny_cfg("sft.max_steps=1", "data.max_train_rows=4")
     sft.run(cfg)
-    model = modeling.load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter",
+    model = load_policy(cfg, torch.device("cpu"), cfg.run_dir / "sft" / "adapter",
                                  rl="new", with_base=True).eval()   # the SFT adapter kept
     with torch.no_grad():  # give the RL adapter a visible effect
         for name, p in model.named_parameters():
@@ -39,18 +39,18 @@ def test_merged_copy_is_the_same_policy(two_adapter_policy):
     cpu = torch.device("cpu")
     with torch.no_grad():
         want = {"rl": model(input_ids=x).logits}
-        with modeling.sft_only(model):
+        with sft_only(model):
             want["sft"] = model(input_ids=x).logits
         with model.disable_adapter():
             want["base"] = model(input_ids=x).logits
         assert (want["rl"] - want["sft"]).abs().max() > 1e-3
         assert (want["sft"] - want["base"]).abs().max() > 1e-3
         got = {}
-        with modeling.sampler(model, cfg.model, cpu, torch.float32) as m:
+        with sampler(model, cfg.model, cpu, torch.float32) as m:
             got["rl"] = m(input_ids=x).logits
-        with modeling.sft_only(model), modeling.sampler(model, cfg.model, cpu, torch.float32) as m:
+        with sft_only(model), sampler(model, cfg.model, cpu, torch.float32) as m:
             got["sft"] = m(input_ids=x).logits
-        with model.disable_adapter(), modeling.sampler(model, cfg.model, cpu, torch.float32) as m:
+        with model.disable_adapter(), sampler(model, cfg.model, cpu, torch.float32) as m:
             got["base"] = m(input_ids=x).logits
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)

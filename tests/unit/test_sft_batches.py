@@ -1,6 +1,6 @@
 """The SFT stage's micro-batch plan (sft.micro_batches)."""
 from posttrain import sft
-from posttrain.data import Example
+from posttrain.types import Example
 
 
 def test_random_batching_covers_every_example_once_per_epoch(tiny_cfg):
