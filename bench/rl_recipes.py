@@ -213,14 +213,16 @@ def table(results: list[dict], sft_info: dict) -> str:
         loss = [sft_info[(name, r["seed"])]["eval_loss"] for r in rows]
         lines.append(
             f"| {name} | {','.join(str(r['seed']) for r in rows)} | {f(ratios):.2f} "
-            f"({min(ratios):.2f}-{max(ratios):.2f}) | {100 * f(r['mean_change'] for r in rows):+.1f}% "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) "
+            f"| {100 * f(r['mean_change'] for r in rows):+.1f}% "
             f"| {f(r['sft_abrupt'] for r in rows):.2f} -> {f(r['rl_abrupt'] for r in rows):.2f} "
             f"| {f(r['sft_rougeL'] for r in rows):.1f} -> {f(r['rl_rougeL'] for r in rows):.1f} "
             f"| {f(r.get('kl_summary') or 0.0 for r in rows):.2f} "
             f"| {f(r.get('frontier_n', 1.0) for r in rows):.1f} "
             f"({f(r.get('frontier_kl', 0.0) for r in rows):.2f}) "
             f"| {f(r['rl_seconds'] for r in rows):.0f} "
-            f"| {f(r['sampled_tokens'] or 0 for r in rows):.0f} | {f(loss):.3f} |")
+            f"| {f(r['sampled_tokens'] or 0 for r in rows):.0f} | {f(loss):.3f} |"
+        )
     lines += ["", "| variant | seed | SFT mean / var | RL mean / var | ratio (95% CI) | "
               "abrupt SFT -> RL | ROUGE-L SFT -> RL | KL / token | KL / summary (95% CI) | "
               "matches SFT best-of-N (KL bound) |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -21,13 +21,14 @@ Each case times `--warmup` steps it throws away, then `--steps` steps, and repor
 
 Cases: `ours` is the config as given. `rl/naive` is the plainer way the settings allow: a
 reference forward on every step (the SFT policy: the same weights with the RL adapter off,
-the FLOPs a separate copy would run), every sample with its own copy of its prompt, fp32 frozen weights, repeated key/value heads. Every other case switches
-one setting from its default, `*/bf16-weights` and `rl/no-prompt-grad` one that is off by
-default (model.frozen_dtype=compute: frozen base weights stored in bf16;
-rl.prompt_grad=false, a cheaper gradient, not the same one: no backward through the
-prompt, so its MFU, counted with the same model FLOPs as the others, is not the work it
-did; with rl.share_prompt=true, which it needs, so on CUDA it also shares the prompt where
-`ours` does not).
+the FLOPs a separate copy would run), every sample with its own copy of its prompt, fp32
+frozen weights, repeated key/value heads. Every other case switches one setting from its
+default, `*/bf16-weights` and `rl/no-prompt-grad` one that is off by default
+(model.frozen_dtype=compute: frozen base weights stored in bf16; rl.prompt_grad=false, a
+cheaper gradient, not the same one: no backward through the prompt, so its MFU, counted
+with the same model FLOPs as the others, is not the work it did; with
+rl.share_prompt=true, which it needs, so on CUDA it also shares the prompt where `ours`
+does not).
 Tokens/s counts the same tokens for every case of a stage (RL and SFT: prompt +
 completion of each sample; generate: new tokens), so two cases' ratio is their speed
 ratio. RL and SFT cases time the same steps (the same samples in the same order), so

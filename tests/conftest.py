@@ -109,14 +109,28 @@ CUE = "TL;DR (about {length} characters):"
 
 
 # a viewer page of hostile text (test_pipeline.py: integration, and unit/test_view.py)
-EVIL_POST = 'SUBREDDIT: r/evil\n\nTITLE: <script>document.title="pwned"</script>\n\nPOST: " onerror="alert(1)" <img src=x onerror=alert(2)> </script><b>bold</b>\n\nTL;DR:'
+EVIL_POST = ('SUBREDDIT: r/evil\n\nTITLE: <script>document.title="pwned"</script>\n\n'
+             'POST: " onerror="alert(1)" <img src=x onerror=alert(2)> </script><b>bold</b>'
+             '\n\nTL;DR:')
 
 
 def hostile_page(tmp_path) -> Path:
-    prompts = [{"prompt_index": 0, "prompt": EVIL_POST, "reference": "<i>ref</i> & more",
-                "subreddit": "evil", "reference_length_chars": 17},
-               {"prompt_index": 1, "prompt": "SUBREDDIT: r/cats\n\nTITLE: my cat\n\nPOST: zebra words",
-                "reference": "cat stuff", "subreddit": "cats", "reference_length_chars": 9}]
+    prompts = [
+        {
+            "prompt_index": 0,
+            "prompt": EVIL_POST,
+            "reference": "<i>ref</i> & more",
+            "subreddit": "evil",
+            "reference_length_chars": 17,
+        },
+        {
+            "prompt_index": 1,
+            "prompt": "SUBREDDIT: r/cats\n\nTITLE: my cat\n\nPOST: zebra words",
+            "reference": "cat stuff",
+            "subreddit": "cats",
+            "reference_length_chars": 9,
+        },
+    ]
     samples = []
     for i, (sft, rl) in enumerate([("<script>alert(3)</script> sft", "x\" onerror=\"alert(4) rl"),
                                    ("a longer sft summary here", "short rl")]):

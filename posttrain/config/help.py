@@ -23,9 +23,8 @@ def _own_field_docs(cls) -> dict:
 
 
 def field_docs(cls) -> dict:
-    """Map each field of dataclass `cls` to the docstring written under it in the source,
-    collected over its bases too (RLConfig is built from parts); where a subclass
-    re-declares a field (SFTConfig's and RLOptim's OptimConfig fields), its docstring wins."""
+    """Map each field of dataclass `cls` to the docstring written under it in the source
+    (over its dataclass bases too, should it have any: a subclass's docstring wins)."""
     docs = {}
     for klass in reversed(cls.__mro__):
         if "__dataclass_fields__" in vars(klass):  # a dataclass itself, not just by heritage

@@ -9,7 +9,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from posttrain.config.schema import Config, ConfigError
+from posttrain.config.base import ConfigError
+from posttrain.config.schema import Config
 
 BUNDLED = Path(__file__).resolve().parent.parent / "configs"
 """The bundled configs: the YAML files in posttrain/configs/."""

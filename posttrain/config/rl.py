@@ -1,18 +1,20 @@
-"""The `rl` config section. Its keys stay flat (`rl.iterations`, `rl.max_lr`, ...), but the
-schema is built from parts, one dataclass each with its fields, docstrings and checks:
-RLRun (the PPO step), RLOnline, RLOffline, RLOptim (OptimConfig with RL's defaults),
-RLAdvantage, RLKL and RLHeldOut. RLConfig inherits them all and runs their checks."""
+"""The `rl` section: one flat dataclass (rl.iterations, rl.max_lr, ...), its fields in the
+order `--help` and the YAML show them: the PPO step, online rounds, offline passes, the
+optimizer, the advantage, the KL, the held-out checks. The rules between rl and the other
+sections (and rl.prompt_grad with rl.share_prompt) are Config's, in schema.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from posttrain.config.base import ConfigError, OptimConfig, _auto_bool, _choice, _positive
+from posttrain.config.base import ConfigError, _auto_bool, _choice, _positive, check_optim
 
 
 @dataclass(frozen=True)
-class RLRun:
-    """Which RL runs, and the shape of its optimizer steps and PPO loss."""
+class RLConfig:
+    """The `rl` section. rl.target_range is checked by Config, beside the data.length_cue it
+    goes with."""
+    # ---- the PPO step
     mode: str = "offline"
     """`offline`: the reference recipe, PPO-style passes over the generated set (samples of
     the SFT policy). `online`: each iteration samples from the current policy
@@ -49,25 +51,7 @@ class RLRun:
     a sample's advantage in reward units."""
     clip_eps: float = 0.3
     """PPO clip range epsilon: the ratio is clipped to [1 - eps, 1 + eps]."""
-
-    def _check_run(self) -> None:
-        _choice(self.mode, "rl.mode", ("offline", "online"))
-        _choice(self.loss_agg, "rl.loss_agg", ("token", "sequence", "summary"))
-        for name in ("batch_size", "grad_accum", "clip_eps"):
-            _positive(getattr(self, name), f"rl.{name}")
-        _auto_bool(self.share_prompt, "rl.share_prompt")
-        if not self.prompt_grad and self.share_prompt is False:
-            raise ConfigError("rl.prompt_grad=false needs the shared prompt pass: set "
-                              "rl.share_prompt=true (or auto, on CPU)")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"rl.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
-        if not 0 < self.clip_eps < 1:
-            raise ConfigError(f"rl.clip_eps={self.clip_eps!r} must be in (0, 1)")
-
-
-@dataclass(frozen=True)
-class RLOnline:
-    """rl.mode=online: the sampling rounds."""
+    # ---- online rounds (rl.mode=online)
     iterations: int = 16
     """online: sampling rounds."""
     prompts_per_iteration: int = 8
@@ -76,27 +60,10 @@ class RLOnline:
     ppo_epochs: int = 1
     """online: passes over each round's samples (each pass is one or more optimizer steps of
     batch_size x grad_accum samples)."""
-
-    def _check_online(self) -> None:
-        for name in ("iterations", "prompts_per_iteration", "ppo_epochs"):
-            _positive(getattr(self, name), f"rl.{name}")
-
-
-@dataclass(frozen=True)
-class RLOffline:
-    """rl.mode=offline: the passes over the generated set."""
+    # ---- offline passes (rl.mode=offline)
     epochs: float = 1.0
     """offline: passes over the generated set."""
-
-    def _check_offline(self) -> None:
-        _positive(self.epochs, "rl.epochs")
-
-
-@dataclass(frozen=True)
-class RLOptim(OptimConfig):
-    """The optimizer, with RL's defaults and docstrings."""
-
-    _section = "rl"
+    # ---- the optimizer
     max_lr: float = 3e-5
     """Peak learning rate."""
     min_lr: float = 3e-6
@@ -107,11 +74,7 @@ class RLOptim(OptimConfig):
     """AdamW weight decay on >= 2-D parameters."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables."""
-
-
-@dataclass(frozen=True)
-class RLAdvantage:
-    """How a sample's reward becomes the advantage each of its tokens is trained with."""
+    # ---- the advantage
     advantage: str = "per_token"
     """`per_token` (the reference recipe's; `seed` is the same, its old name): reward /
     completion tokens on every token, whitened over the step's tokens and clamped. `group`:
@@ -135,19 +98,7 @@ class RLAdvantage:
     alone; `step` pushes on it too (the length target is the same for every prompt)."""
     adv_clamp: float = 3.0
     """Whitened advantages are clamped to [-adv_clamp, adv_clamp]."""
-
-    def _check_advantage(self) -> None:
-        if self.advantage == "seed":   # the old name of per_token
-            object.__setattr__(self, "advantage", "per_token")
-        _choice(self.advantage, "rl.advantage", ("per_token", "group", "stop", "group_stop"))
-        _positive(self.stop_weight, "rl.stop_weight", allow_zero=True)
-        _choice(self.baseline, "rl.baseline", ("group", "step"))
-        _positive(self.adv_clamp, "rl.adv_clamp")
-
-
-@dataclass(frozen=True)
-class RLKL:
-    """The KL penalty against the frozen SFT policy."""
+    # ---- the KL penalty against the frozen SFT policy
     kl_control: str = "fixed"
     """`fixed`: beta stays `beta`. `adaptive_summary`: a proportional controller steers the
     KL per summary (k3 summed over a sample's tokens) to the best-of-N budget
@@ -160,25 +111,7 @@ class RLKL:
     the report compares the RL policy's KL per summary with it."""
     kl_horizon: int = 100
     """Adaptive controller horizon in steps: larger moves beta more slowly."""
-
-    def _check_kl(self) -> None:
-        if self.kl_control == "adaptive":
-            raise ConfigError("rl.kl_control=adaptive is now named for what it steers: "
-                              "adaptive_token (the reference recipe: the per-token KL) or "
-                              "adaptive_summary (the KL per summary)")
-        _choice(self.kl_control, "rl.kl_control", ("fixed", "adaptive_token",
-                                                   "adaptive_summary"))
-        for name in ("best_of_n", "kl_horizon"):
-            _positive(getattr(self, name), f"rl.{name}")
-        _positive(self.beta, "rl.beta", allow_zero=self.kl_control == "fixed")
-        if self.kl_control == "adaptive_token" and self.loss_agg == "summary":
-            raise ConfigError("rl.kl_control=adaptive_token steers a per-token KL; with "
-                              "rl.loss_agg=summary use adaptive_summary or fixed")
-
-
-@dataclass(frozen=True)
-class RLHeldOut:
-    """The periodic held-out evaluation during RL."""
+    # ---- the held-out length checks during RL
     eval_every: int = 0
     """Sample on held-out prompts every this many steps and log the length mean and std
     (0: only before and after training)."""
@@ -186,19 +119,7 @@ class RLHeldOut:
     """Held-out prompts (from data.eval) sampled at each periodic evaluation."""
     eval_samples_per_prompt: int = 2
     """Samples per held-out prompt at each periodic evaluation."""
-
-    def _check_held_out(self) -> None:
-        for name in ("eval_prompts", "eval_samples_per_prompt"):
-            _positive(getattr(self, name), f"rl.{name}")
-        _positive(self.eval_every, "rl.eval_every", allow_zero=True)
-
-
-# A dataclass lays out its bases' fields from the last base to the first, then its own:
-# the bases are listed in reverse so that `--help` and the YAML read RLRun's fields first.
-@dataclass(frozen=True)
-class RLConfig(RLHeldOut, RLKL, RLAdvantage, RLOptim, RLOffline, RLOnline, RLRun):
-    """The `rl` section: every part's fields as flat keys (rl.iterations, rl.max_lr, ...).
-    rl.target_range is checked by Config, beside the data.length_cue it goes with."""
+    # ---- length-conditioned prompts and checkpoints
     target_range: Optional[list] = None
     """With length-conditioned prompts (data.length_cue): [min, max] lengths; each prompt RL
     trains on asks for one drawn uniformly from this range, and the reward is centred on it."""
@@ -208,12 +129,29 @@ class RLConfig(RLHeldOut, RLKL, RLAdvantage, RLOptim, RLOffline, RLOnline, RLRun
     """How many recent checkpoints to keep."""
 
     def __post_init__(self):
-        self._check_run()
-        self._check_kl()
-        self._check_online()
-        self._check_advantage()
-        self._check_offline()
-        self._check_held_out()
-        _positive(self.keep_checkpoints, "rl.keep_checkpoints")
-        self._check_optim()
-        _positive(self.checkpoint_every, "rl.checkpoint_every", allow_zero=True)
+        if self.advantage == "seed":   # the old name of per_token
+            object.__setattr__(self, "advantage", "per_token")
+        if self.kl_control == "adaptive":
+            raise ConfigError("rl.kl_control=adaptive is now named for what it steers: "
+                              "adaptive_token (the reference recipe: the per-token KL) or "
+                              "adaptive_summary (the KL per summary)")
+        for name, allowed in (("mode", ("offline", "online")),
+                              ("loss_agg", ("token", "sequence", "summary")),
+                              ("advantage", ("per_token", "group", "stop", "group_stop")),
+                              ("baseline", ("group", "step")),
+                              ("kl_control", ("fixed", "adaptive_token", "adaptive_summary"))):
+            _choice(getattr(self, name), f"rl.{name}", allowed)
+        for name in ("batch_size", "grad_accum", "clip_eps", "iterations",
+                     "prompts_per_iteration", "ppo_epochs", "epochs", "adv_clamp", "best_of_n",
+                     "kl_horizon", "eval_prompts", "eval_samples_per_prompt",
+                     "keep_checkpoints"):
+            _positive(getattr(self, name), f"rl.{name}")
+        for name in ("stop_weight", "eval_every", "checkpoint_every"):
+            _positive(getattr(self, name), f"rl.{name}", allow_zero=True)
+        _positive(self.beta, "rl.beta", allow_zero=self.kl_control == "fixed")
+        _auto_bool(self.share_prompt, "rl.share_prompt")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"rl.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if not 0 < self.clip_eps < 1:
+            raise ConfigError(f"rl.clip_eps={self.clip_eps!r} must be in (0, 1)")
+        check_optim(self, "rl")

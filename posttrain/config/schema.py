@@ -1,24 +1,19 @@
 """The config schema: the top-level Config (here) and its sections, one frozen dataclass each
-(sections.py, sampling.py, rl.py, on what base.py holds: ConfigError, the checks,
-OptimConfig). Every field carries a docstring (the string literal under it); `posttrain
-<stage> --help` prints them. Sizes that follow from other fields are properties, never
+(sections.py, sampling.py, rl.py, on what base.py holds: ConfigError and the checks).
+Every rule between fields of different sections (or of rl's parts) is Config's, here.
+Every field carries a docstring (the string literal under it); `posttrain <stage> --help`
+prints them. Sizes that follow from other fields are properties, never
 written back."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.config.base import ConfigError, OptimConfig
-from posttrain.config.rl import (RLAdvantage, RLConfig, RLHeldOut, RLKL, RLOffline, RLOnline,
-                                 RLOptim, RLRun)
+from posttrain.config.base import ConfigError
+from posttrain.config.rl import RLConfig
 from posttrain.config.sampling import EvalConfig, GenerateConfig
 from posttrain.config.sections import (DataConfig, FastConfig, LoraConfig, ModelConfig,
                                        RewardConfig, SFTConfig)
-
-__all__ = ["DEFAULTS", "Config", "ConfigError", "DataConfig", "EvalConfig", "FastConfig",
-           "GenerateConfig", "LoraConfig", "ModelConfig", "OptimConfig", "RLAdvantage",
-           "RLConfig", "RLHeldOut", "RLKL", "RLOffline", "RLOnline", "RLOptim", "RLRun",
-           "RewardConfig", "SFTConfig"]
 
 DEFAULTS = "defaults"
 """`--config defaults`: no file, the dataclass defaults (the reference recipe)."""
@@ -41,6 +36,14 @@ class Config:
     fast: FastConfig = field(default_factory=FastConfig)
 
     def __post_init__(self):
+        """The rules between fields, all of them in one place."""
+        rl = self.rl
+        if not rl.prompt_grad and rl.share_prompt is False:   # `auto`: DeviceChoices.check
+            raise ConfigError("rl.prompt_grad=false needs the shared prompt pass: set "
+                              "rl.share_prompt=true (or auto, on CPU)")
+        if rl.kl_control == "adaptive_token" and rl.loss_agg == "summary":
+            raise ConfigError("rl.kl_control=adaptive_token steers a per-token KL; with "
+                              "rl.loss_agg=summary use adaptive_summary or fixed")
         if (self.reward.name == "target_length" and self.reward.target is None
                 and self.data.length_cue is None):
             raise ConfigError("reward.name=target_length needs reward.target (a length in "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from posttrain.config.base import ConfigError, OptimConfig, _auto_bool, _choice, _positive
+from posttrain.config.base import ConfigError, _auto_bool, _choice, _positive, check_optim
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class SFTConfig(OptimConfig):
-    _section = "sft"
+class SFTConfig:
     epochs: float = 1.0
     """Passes over the training rows (fractions allowed)."""
     max_steps: int = -1
@@ -179,7 +178,7 @@ class SFTConfig(OptimConfig):
         _positive(self.eval_batch_size, "sft.eval_batch_size")
         _positive(self.checkpoint_every, "sft.checkpoint_every", allow_zero=True)
         _positive(self.keep_checkpoints, "sft.keep_checkpoints")
-        self._check_optim()
+        check_optim(self, "sft")
 
 
 @dataclass(frozen=True)

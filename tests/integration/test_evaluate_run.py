@@ -22,9 +22,13 @@ def test_kl_of_an_unchanged_policy_is_zero(tiny_cfg, tmp_path):
                                  rl="new").eval()
     texts, ids = prompt_pool("sample", "validation", tok, cfg)
     with torch.no_grad():
-        recs = sample_records(model, tok, texts[:2], ids[:2], 3, 8, torch.Generator().manual_seed(0))
+        recs = sample_records(
+            model, tok, texts[:2], ids[:2], 3, 8, torch.Generator().manual_seed(0)
+        )
     kl = evaluate.kl_to_sft(model, recs, tok.pad_token_id, torch.device("cpu"), torch.float32, 2)
-    assert kl["kl_k3"] == pytest.approx(0.0, abs=1e-6) and kl["kl_k1"] == pytest.approx(0.0, abs=1e-6)
+    assert kl["kl_k3"] == pytest.approx(0.0, abs=1e-6) and kl["kl_k1"] == pytest.approx(
+        0.0, abs=1e-6
+    )
 
 
 def test_judge_rows_that_training_never_read(tiny_cfg):

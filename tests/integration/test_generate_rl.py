@@ -66,8 +66,18 @@ def test_generate_stores_pi_sft_logprobs_and_scores(run_cfg):
     stats = generate.run(cfg)
     records, loaded = load_set(cfg.run_dir, load_tokenizer(cfg.model))
     assert len(records) == 24 and loaded == stats
-    for key in ("prompt", "completion", "completion_ids", "logprobs", "stop_logprobs", "ended_with_eos",
-                "truncated", "length_chars", "length_tokens", "score"):
+    for key in (
+        "prompt",
+        "completion",
+        "completion_ids",
+        "logprobs",
+        "stop_logprobs",
+        "ended_with_eos",
+        "truncated",
+        "length_chars",
+        "length_tokens",
+        "score",
+    ):
         assert key in records[0].to_row()
     assert sum(r.score for r in records) == pytest.approx(0.0, abs=1e-6)
     assert stats["length_chars"]["var"] == pytest.approx(stats["length_chars"]["std"] ** 2)
@@ -205,8 +215,12 @@ def test_group_advantages_with_sequence_aggregation(run_cfg):
     lengths = torch.tensor([2, 1, 1, 3])
     group = torch.tensor([0, 0, 1, 1])
     adv, w = credit.step_advantages(reward, lengths, group, cfg)
-    torch.testing.assert_close(adv, torch.tensor([1.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(w, torch.tensor([1 / 8, 1 / 8, 1 / 4, 1 / 4, 1 / 12, 1 / 12, 1 / 12]))
+    torch.testing.assert_close(
+        adv, torch.tensor([1.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        w, torch.tensor([1 / 8, 1 / 8, 1 / 4, 1 / 4, 1 / 12, 1 / 12, 1 / 12])
+    )
     generate.run(cfg)
     summary = rl.run(cfg)
     assert summary["steps"] == 3
@@ -259,7 +273,9 @@ def test_online_rounds_train_resume_and_log(run_cfg, tmp_path, monkeypatch):
     rows = [json.loads(l) for l in (ref.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["stage"] == "rl" and "ratio_mean" in r]
     rounds = [r for r in steps if "round" in r]
-    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[-1]["sampled_tokens"] == summary["sampled_tokens"]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[-1]["sampled_tokens"] == summary[
+        "sampled_tokens"
+    ]
     # first step of the first round: the policy is the sampler and the SFT model
     assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5)

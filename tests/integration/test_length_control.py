@@ -23,7 +23,7 @@ def test_conditioned_pipeline_on_the_tiny_model(tiny_model_dir, tmp_path, tiny_a
     assert not (d / "generate").exists()                         # online: no offline set
     samples = [json.loads(l) for l in (d / "eval" / "samples.jsonl").read_text().splitlines()]
     assert sorted({s["target"] for s in samples}) == [20, 60]
-    assert len(samples) == 2 * 2 * 3 * 2                          # models x targets x prompts x samples
+    assert len(samples) == 2 * 2 * 3 * 2  # models x targets x prompts x samples
     report = json.loads((d / "eval" / "report.json").read_text())
     for m in ("sft", "rl"):
         assert set(report["by_target"][m]) == {"20", "60"}

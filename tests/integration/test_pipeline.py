@@ -26,9 +26,17 @@ def test_run_writes_every_stage(finished):
     cfg, timings = finished
     d = cfg.run_dir
     assert set(timings) == {"sft", "generate", "rl", "eval", "plot", "view"}
-    for f in ("sft/adapter/adapter_config.json", "generate/stats.json", "rl/adapter/adapter_config.json",
-              "eval/report.json", "eval/report.md", "eval/samples.jsonl", "eval/prompts.jsonl",
-              "view/index.html", "pipeline.json"):
+    for f in (
+        "sft/adapter/adapter_config.json",
+        "generate/stats.json",
+        "rl/adapter/adapter_config.json",
+        "eval/report.json",
+        "eval/report.md",
+        "eval/samples.jsonl",
+        "eval/prompts.jsonl",
+        "view/index.html",
+        "pipeline.json",
+    ):
         assert (d / f).is_file(), f
     for png in ("lengths.png", "lengths_overlay.png", "sft_training.png", "rl_training.png",
                 "frontier.png"):
@@ -49,7 +57,9 @@ def test_report_schema(finished):
     rl = report["models"]["rl"]
     assert rl["kl_k3"] >= 0
     # per summary: the per-token figure times the mean completion tokens (EOS counted)
-    samples = [json.loads(l) for l in (cfg.run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(l) for l in (cfg.run_dir / "eval" / "samples.jsonl").read_text().splitlines()
+    ]
     tokens = [s["length_tokens"] + s["ended_with_eos"] for s in samples if s["model"] == "rl"]
     assert rl["kl_k3_summary"] == pytest.approx(rl["kl_k3"] * sum(tokens) / len(tokens), rel=1e-6)
     klo, khi = rl["kl_k3_summary_ci95"]
@@ -66,12 +76,15 @@ def test_report_schema(finished):
     md = (cfg.run_dir / "eval" / "report.md").read_text()
     assert "RL against the frontier" in md and "| sft | 2 | 0.19 |" in md
     assert report["variance_ratio"] == pytest.approx(
-        report["models"]["sft"]["length_chars"]["var"] / report["models"]["rl"]["length_chars"]["var"])
+        report["models"]["sft"]["length_chars"]["var"]
+        / report["models"]["rl"]["length_chars"]["var"]
+    )
     lo, hi = report["variance_ratio_ci95"]
     assert lo <= hi
     # every model sampled the same prompts
-    assert {m: sorted(s["prompt_index"] for s in samples if s["model"] == m) for m in ("sft", "rl")} \
-        == {m: [0, 0, 1, 1, 2, 2] for m in ("sft", "rl")}
+    assert {
+        m: sorted(s["prompt_index"] for s in samples if s["model"] == m) for m in ("sft", "rl")
+    } == {m: [0, 0, 1, 1, 2, 2] for m in ("sft", "rl")}
 
 
 def test_second_run_skips_every_stage(finished, capsys):
@@ -163,7 +176,9 @@ def test_viewer_renders_samples_as_text_in_browser(tmp_path):
 def test_viewer_filter_and_sort_in_browser(tmp_path):
     page = hostile_page(tmp_path)
     dom = dump_dom(page, "#q=zebra")
-    assert "showing 1 of 2 prompts" in dom and 'data-index="1"' in dom and 'data-index="0"' not in dom
+    assert (
+        "showing 1 of 2 prompts" in dom and 'data-index="1"' in dom and 'data-index="0"' not in dom
+    )
     dom = dump_dom(page, "#sub=evil")
     assert "showing 1 of 2 prompts" in dom and 'data-index="0"' in dom
     # RL - SFT: prompt 0 is +5, prompt 1 is -17: ascending puts prompt 1 first

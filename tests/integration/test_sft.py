@@ -53,7 +53,9 @@ class _NoAccelerator:
 @pytest.mark.slow
 def test_resume_continues_the_same_schedule(tiny_cfg, monkeypatch):
     reference = sft.run(tiny_cfg("sft.epochs=2", "out_dir=" + str(tiny_cfg().run_dir) + "-ref"))
-    ref_weights = load_file(str(tiny_cfg().run_dir.parent / "run-ref/sft/adapter/adapter_model.safetensors"))
+    ref_weights = load_file(
+        str(tiny_cfg().run_dir.parent / "run-ref/sft/adapter/adapter_model.safetensors")
+    )
 
     cfg = tiny_cfg("sft.epochs=2")
     real_log = MetricsLogger.log
@@ -75,10 +77,18 @@ def test_resume_continues_the_same_schedule(tiny_cfg, monkeypatch):
     for k in ref_weights:
         torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-5, atol=1e-6)
     assert resumed["eval_loss_after"] == pytest.approx(reference["eval_loss_after"], rel=1e-5)
-    lrs = [r["lr"] for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())
-           if "lr" in r]
-    ref_lrs = [r["lr"] for r in map(json.loads, (cfg.run_dir.parent / "run-ref" / "metrics.jsonl").read_text().splitlines())
-               if "lr" in r]
+    lrs = [
+        r["lr"]
+        for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())
+        if "lr" in r
+    ]
+    ref_lrs = [
+        r["lr"]
+        for r in map(
+            json.loads, (cfg.run_dir.parent / "run-ref" / "metrics.jsonl").read_text().splitlines()
+        )
+        if "lr" in r
+    ]
     assert lrs == ref_lrs   # same schedule, each step logged once (step 5 not twice)
 
 

@@ -129,11 +129,17 @@ def test_cue_round_trip(length, written):
     cfg = DataConfig(length_cue=CUE)
     prompt = "SUBREDDIT: r/tifu\n\nTITLE: t\n\nPOST: I did a thing.\n\nTL;DR:"
     cued = with_length_cue(prompt, length, cfg)
-    assert cued == f"SUBREDDIT: r/tifu\n\nTITLE: t\n\nPOST: I did a thing.\n\nTL;DR (about {written} characters):"
+    assert (
+        cued
+        == "SUBREDDIT: r/tifu\n\nTITLE: t\n\nPOST: I did a thing.\n\n"
+        f"TL;DR (about {written} characters):"
+    )
     assert requested_length(cued, cfg) == written == round_length(length, cfg)
     assert requested_length(prompt, cfg) is None
     # a prompt without the marker gets the cue appended
-    assert with_length_cue("POST: hi", length, cfg).endswith(f"\n\nTL;DR (about {written} characters):")
+    assert with_length_cue("POST: hi", length, cfg).endswith(
+        f"\n\nTL;DR (about {written} characters):"
+    )
 
 
 def test_sft_rows_ask_for_their_own_reference_length():

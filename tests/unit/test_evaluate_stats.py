@@ -44,7 +44,9 @@ def test_summarize_and_compare_hand_made():
     samples = [_sample("sft", 100, 20.0), _sample("sft", 200, 30.0, eos=False),
                _sample("rl", 140, 24.0), _sample("rl", 160, 28.0)]
     models = {m: evaluate.summarize([s for s in samples if s["model"] == m]) for m in ("sft", "rl")}
-    assert models["sft"]["length_chars"]["var"] == 2500 and models["rl"]["length_chars"]["var"] == 100
+    assert (
+        models["sft"]["length_chars"]["var"] == 2500 and models["rl"]["length_chars"]["var"] == 100
+    )
     assert models["sft"]["eos_rate"] == 0.5 and models["sft"]["truncation_rate"] == 0.5
     assert models["rl"]["rougeL"] == 26.0
     cross = evaluate.compare(models, samples, n_boot=200, seed=0)

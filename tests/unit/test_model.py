@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from posttrain.model.adapters import add_lora, load_adapter, save_adapter
-from posttrain.model.load import ModelError, autocast, bf16_supported, compute_dtype, embedded_gguf, embedded_model_dir, load_base_model, load_tokenizer, resolve_device
+from posttrain.model.load import (
+    ModelError,
+    autocast,
+    bf16_supported,
+    compute_dtype,
+    embedded_gguf,
+    embedded_model_dir,
+    load_base_model,
+    load_tokenizer,
+    resolve_device,
+)
 from posttrain.model import load as model_load
 from posttrain.config import LoraConfig, ModelConfig, load_config
 from posttrain.data import collate, load_rows, tokenize_rows

@@ -12,8 +12,10 @@ def test_gather_logprobs_matches_log_softmax():
     targets = torch.tensor([0, 3, 10, 2, 2])
     expected = torch.log_softmax(logits, -1)[torch.arange(5), targets]
     torch.testing.assert_close(O.gather_logprobs(logits, targets), expected)
-    torch.testing.assert_close(O.gather_logprobs(logits.bfloat16(), targets),
-                               torch.log_softmax(logits.bfloat16().float(), -1)[torch.arange(5), targets])
+    torch.testing.assert_close(
+        O.gather_logprobs(logits.bfloat16(), targets),
+        torch.log_softmax(logits.bfloat16().float(), -1)[torch.arange(5), targets],
+    )
 
 
 def test_ratio_one_gives_minus_mean_advantage():
@@ -21,7 +23,9 @@ def test_ratio_one_gives_minus_mean_advantage():
     adv = torch.tensor([1.0, -2.0, 0.5, 3.0])
     loss, ratio, clipped = O.clipped_policy_loss(lp, lp, adv, eps=0.3)
     assert torch.equal(ratio, torch.ones(4))
-    assert O.masked_mean(loss, torch.ones(4, dtype=torch.bool)).item() == pytest.approx(-adv.mean().item())
+    assert O.masked_mean(loss, torch.ones(4, dtype=torch.bool)).item() == pytest.approx(
+        -adv.mean().item()
+    )
     assert not clipped.any()
 
 
@@ -98,10 +102,16 @@ def test_group_advantages_on_hand_made_groups():
                                torch.tensor([-1.0, 1.0, -2.0, -2.0, 4.0]))
     scaled = O.group_advantages(rewards, group, scale_by_std=True)
     # group 0: std 1; group 1: std sqrt(8)
-    torch.testing.assert_close(scaled, torch.tensor([-1.0, 1.0, -2 / 8 ** .5, -2 / 8 ** .5, 4 / 8 ** .5]),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        scaled,
+        torch.tensor([-1.0, 1.0, -2 / 8**0.5, -2 / 8**0.5, 4 / 8**0.5]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     # a group whose rewards are all equal has zero advantage
-    assert O.group_advantages(torch.tensor([2.0, 2.0]), torch.tensor([0, 0]), True).abs().max() < 1e-6
+    assert (
+        O.group_advantages(torch.tensor([2.0, 2.0]), torch.tensor([0, 0]), True).abs().max() < 1e-6
+    )
 
 
 def test_best_of_n_target():

@@ -28,8 +28,11 @@ def test_target_length_reward():
     cfg = RewardConfig(name="target_length", target=120.0, width=60.0)
     r = rewards.compute([120.0, 90.0, 180.0, 240.0], SET, cfg)
     torch.testing.assert_close(r, torch.tensor([1.0, 0.5, 0.0, -1.0]))
-    assert rewards.compute([120.0 + 40.0], SET, RewardConfig(name="target_length", target=120.0)).item() \
-        == pytest.approx(1 - 40 / math.sqrt(3200 / 3), rel=1e-5)     # width defaults to the set's std
+    assert rewards.compute(
+        [120.0 + 40.0], SET, RewardConfig(name="target_length", target=120.0)
+    ).item() == pytest.approx(
+        1 - 40 / math.sqrt(3200 / 3), rel=1e-5
+    )  # width defaults to the set's std
     with pytest.raises(ConfigError, match="reward.target"):
         load_config(None, ("reward.name=target_length",))
 
@@ -56,7 +59,9 @@ def test_the_ending_rule_penalises_abrupt_completions_in_place_of_their_length_r
     r = rewards.compute(lengths, SET, RewardConfig(ending=-1.0), abrupt=abrupt)
     assert r.tolist() == [-1.0 if a else 1.0 for a in abrupt]
     # off (the reference recipe's default): the length alone, whatever the ending
-    assert rewards.compute(lengths, SET, RewardConfig(), abrupt=abrupt).tolist() == [1.0] * len(ENDINGS)
+    assert rewards.compute(lengths, SET, RewardConfig(), abrupt=abrupt).tolist() == [1.0] * len(
+        ENDINGS
+    )
     # a clean ending keeps its length reward, however far from the centre
     far = rewards.compute([40.0, 40.0], SET, RewardConfig(ending=-0.5), abrupt=[False, True])
     assert far.tolist() == pytest.approx([1 - 100 / math.sqrt(3200 / 3), -0.5])
