@@ -9,19 +9,31 @@ from posttrain.config import Config
 from posttrain.evaluate.frontier import best_of_n_table, frontier_match, ratio_at_kl
 from posttrain.evaluate.stats import (bootstrap_mean, by_target, compare, length_summary, rouge,
                                       subreddit, summarize)
-from posttrain.io import atomic_write_json, atomic_write_text
+from posttrain.io import InputFileError, atomic_write_json, atomic_write_text, read_json
 from posttrain.objectives import best_of_n_kl
 from posttrain.rewards import is_abrupt  # the one ending rule (the reward uses it too)
 from posttrain.rollout.store import set_lengths
 
 
-def _reward_lengths(cfg: Config, samples: list[dict]) -> list[float]:
-    """The lengths the reward takes its statistics from: the generated set offline RL
-    trained on, else the SFT samples here, else all samples."""
+def reward_lengths(cfg: Config, samples: list[dict]) -> tuple[list, str]:
+    """The lengths the reward takes its statistics from, and where they come from: the ones
+    RL trained with (rl/reward_lengths.json: the generated set, or the first online round's
+    samples), else the generated set, else the SFT samples here, else all samples."""
+    stored = cfg.run_dir / "rl" / "reward_lengths.json"
+    if stored.is_file():
+        got = read_json(stored, "redo the rl stage (`posttrain rl --force`)")
+        lengths = got.get("lengths")
+        if (got.get("unit") != cfg.reward.unit or not isinstance(lengths, list) or not lengths
+                or not all(isinstance(x, (int, float)) for x in lengths)):
+            raise InputFileError(f"{stored}: expected 'unit': {cfg.reward.unit!r} and "
+                                 "'lengths': a non-empty list of numbers; redo the rl stage "
+                                 "(`posttrain rl --force`)")
+        return lengths, f"RL's reward ({got.get('from', 'rl/reward_lengths.json')})"
     if cfg.rl.mode == "offline" and (cfg.run_dir / "generate" / "dataset").is_dir():
-        return set_lengths(cfg.run_dir, cfg.reward.unit)
-    own = [s for s in samples if s["model"] == "sft"] or samples
-    return [s["length_" + cfg.reward.unit] for s in own]
+        return set_lengths(cfg.run_dir, cfg.reward.unit), "the generated set"
+    own = [s for s in samples if s["model"] == "sft"]
+    return ([s["length_" + cfg.reward.unit] for s in own or samples],
+            "the SFT samples here" if own else "all samples here")
 
 
 def sample_rows(cfg: Config, recs: list[tuple], refs: list[str]) -> list[dict]:
@@ -34,7 +46,7 @@ def sample_rows(cfg: Config, recs: list[tuple], refs: list[str]) -> list[dict]:
                         "length_tokens": r.length_tokens, "ended_with_eos": r.ended_with_eos,
                         "truncated": r.truncated, "target": r.target,
                         "abrupt": is_abrupt(r.completion, r.truncated), **sc})
-    lengths = _reward_lengths(cfg, samples)
+    lengths, _ = reward_lengths(cfg, samples)
     targets = [s["target"] for s in samples]
     rew = rewards.compute([s["length_" + cfg.reward.unit] for s in samples], lengths,
                           cfg.reward, None if None in targets else targets,
@@ -85,6 +97,9 @@ def build_report(cfg: Config, rows: list[dict], refs: list[str], samples: list[d
               "max_new_tokens": e.max_new_tokens or cfg.generate.max_new_tokens,
               "temperature": e.temperature, "top_p": e.top_p,
               **compare(models, samples, e.bootstrap, seeds.bootstrap(cfg.seed))}
+    lengths, source = reward_lengths(cfg, samples)   # what the samples' reward column used
+    report["reward_statistics"] = {"from": source, "unit": cfg.reward.unit, "n": len(lengths),
+                                   **length_summary(lengths)}
     if None not in [s["target"] for s in samples]:  # length-conditioned: pooled spreads mix
         report["by_target"] = by_target(samples)
     else:
@@ -136,6 +151,10 @@ def report_markdown(report: dict) -> str:
         text += (f"\nVariance ratio SFT/RL: **{report['variance_ratio']:.2f}** (95% bootstrap "
                  f"{lo:.2f}-{hi:.2f}); RL mean {100 * report['mean_change']:+.1f}% vs SFT; "
                  f"ROUGE-L RL - SFT: {report['rougeL_diff']:+.2f} points.\n")
+    if "reward_statistics" in report:
+        r = report["reward_statistics"]
+        text += (f"\nThe reward column scores lengths against {r['from']}: {r['n']} lengths, "
+                 f"{r['mean']:.1f} ± {r['std']:.1f} {r['unit']}.\n")
     if "frontier" in report:
         text += frontier_markdown(report)
     if "by_target" in report:

@@ -14,9 +14,30 @@ from posttrain.types import Rollout, StopCredit
 
 def prefix_texts(rollouts: list[Rollout], tokenizer) -> list[list[str]]:
     """For each sample and each completion position t, the text the completion would have
-    been had it stopped before token t."""
-    return [[tokenizer.decode(r.completion_ids[:t], skip_special_tokens=True)
-             for t in range(len(r.completion_ids))] for r in rollouts]
+    been had it stopped before token t: decode(ids[:t]) for every t, decoded incrementally
+    (each prefix's text is the last settled prefix's plus the new tail of a window that
+    starts at the settled one before it: a few tokens per decode, not t)."""
+    return [_prefix_texts(list(r.completion_ids), tokenizer) for r in rollouts]
+
+
+def _prefix_texts(ids: list[int], tokenizer) -> list[str]:
+    def decode(part):
+        return tokenizer.decode(part, skip_special_tokens=True)
+
+    texts, settled = [], ""      # settled = decode(ids[:r]); the window starts at p <= r
+    p = r = 0
+    for t in range(len(ids)):
+        if t == r:
+            texts.append(settled)
+            continue
+        head, window = decode(ids[p:r]), decode(ids[p:t])
+        if not window.startswith(head):   # the tail rewrote the head: decode it all
+            texts.append(decode(ids[:t]))
+            continue
+        texts.append(settled + window[len(head):])
+        if not window.endswith("\ufffd"):   # a whole character: settle here
+            settled, p, r = texts[-1], r, t
+    return texts
 
 
 def prefix_lengths(rollouts: list[Rollout], tokenizer, unit: str,

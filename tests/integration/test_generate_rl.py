@@ -273,19 +273,25 @@ def test_online_rounds_train_resume_and_log(run_cfg, tmp_path, monkeypatch):
     rows = [json.loads(l) for l in (ref.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["stage"] == "rl" and "ratio_mean" in r]
     rounds = [r for r in steps if "round" in r]
-    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[-1]["sampled_tokens"] == summary[
-        "sampled_tokens"
-    ]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[-1]["sampled_tokens"] == summary["sampled_tokens"]
     # first step of the first round: the policy is the sampler and the SFT model
     assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert steps[1]["ratio_mean"] != pytest.approx(1.0, abs=1e-6)   # second PPO epoch: moved
     assert steps[-1]["kl"] > 0
+    # the reward's statistics: the first round's lengths (the SFT policy's), written for eval
+    stored = json.loads((ref.run_dir / "rl" / "reward_lengths.json").read_text())
+    assert stored["from"] == "the first online round" and stored["unit"] == "chars"
+    assert len(stored["lengths"]) == 6
+    assert sum(stored["lengths"]) / 6 == pytest.approx(rounds[0]["round_len_mean"])
     ref_w = load_file(str(ref.run_dir / "rl" / "adapter" / "adapter_model.safetensors"))
 
-    # killed after the first round's checkpoint, the re-run ends with the same adapter
+    # killed after the first round's checkpoint, the re-run ends with the same adapter and
+    # the same reward statistics (kept in the checkpoint)
     cfg = run_cfg(f"out_dir={tmp_path / 'second'}", *args)
     assert_resume_matches(cfg, ref_w, monkeypatch)
+    assert json.loads((cfg.run_dir / "rl" / "reward_lengths.json").read_text()) == stored
 
 
 def test_vllm_backend_is_a_clear_error_without_cuda_or_vllm(run_cfg):

@@ -90,3 +90,22 @@ def test_relative_bootstrap_ignores_a_change_of_scale():
 def test_subreddit_parsed():
     assert evaluate.subreddit("SUBREDDIT: r/tifu\n\nPOST: x") == "tifu"
     assert evaluate.subreddit("no header") == ""
+
+
+def test_the_eval_scores_with_the_reward_rl_trained_on(tmp_path):
+    """rl/reward_lengths.json, when RL wrote it, is what the eval's reward column uses (and
+    the report names it); a damaged one is an error naming the file; without it, the SFT
+    samples here."""
+    from posttrain.config import load_config
+    from posttrain.evaluate.report import reward_lengths
+    from posttrain.io import InputFileError
+    cfg = load_config(None, (f"out_dir={tmp_path}", "rl.mode=online"))
+    samples = [{"model": "sft", "length_chars": 10}, {"model": "rl", "length_chars": 30}]
+    assert reward_lengths(cfg, samples) == ([10], "the SFT samples here")
+    (tmp_path / "rl").mkdir()
+    stored = tmp_path / "rl" / "reward_lengths.json"
+    stored.write_text('{"unit": "chars", "lengths": [5, 7], "from": "the first online round"}')
+    assert reward_lengths(cfg, samples) == ([5, 7], "RL's reward (the first online round)")
+    stored.write_text('{"unit": "tokens", "lengths": [5, 7]}')
+    with pytest.raises(InputFileError, match="reward_lengths.json: expected 'unit': 'chars'"):
+        reward_lengths(cfg, samples)

@@ -60,3 +60,23 @@ def test_ending_aware_stop_credit_counts_only_clean_stops(run_cfg):
     assert [c.tolist() for c in plain.clean] == [c.tolist() for c in stop.clean]
 
 
+
+
+TEXTS = ["I (23F) told my bf's mom — naïve me — that café 😀😀 was 'fine'... it wasn't!!  Now?",
+         "日本語のテキスト, 中文 and an emoji 🧑‍🚀 at the end.",
+         "  leading spaces\n\nnew lines\tand tabs .  , ' s n't"]
+
+
+@pytest.mark.parametrize("which", ["tiny", "embedded"])
+def test_prefix_texts_decoded_incrementally_equal_decoding_every_prefix(which, tiny_cfg):
+    """The stop credit's prefix texts (a few tokens per decode) are decode(ids[:t]) for every
+    t, through multi-byte characters split over tokens, spaces and the stop token."""
+    from posttrain.config import load_config
+    model = tiny_cfg().model if which == "tiny" else load_config("demo").model
+    tok = load_tokenizer(model)
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        r = Rollout(0, "", (), text, tuple(ids), (0.0,) * len(ids), (), True, False,
+                    len(text), len(ids))
+        assert credit.prefix_texts([r], tok) == [
+            [tok.decode(ids[:t], skip_special_tokens=True) for t in range(len(ids))]]
