@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common import machine_line
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 SHAPES = ((16, 96, 240), (16, 48, 240), (8, 96, 400), (32, 64, 240))   # (B, T, P)
@@ -77,10 +77,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
-    from throughput import cpu_name
     torch.manual_seed(0)
-    print(f"attention forward + backward on {cpu_name()}, {torch.get_num_threads()} threads; "
+    print(f"attention forward + backward on {machine_line()}, {torch.get_num_threads()} threads; "
           f"ms, median of {args.repeats}", flush=True)
     for batch, new, prompt in SHAPES:
         fp32 = inputs(batch, new, prompt)

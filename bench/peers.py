@@ -54,14 +54,13 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "bench"):   # the repository's posttrain and peers_trl, however run
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(ROOT) not in sys.path:   # this checkout's posttrain, wherever it is installed from
+    sys.path.insert(1, str(ROOT))
 
+from common import machine  # noqa: E402  (bench/, first on sys.path when run as a script)
 from peers_trl import (PIP, child, config_text, fingerprint, load_cfg,  # noqa: E402
                        non_default, relative_ratios, step_shape, trl_settings)
 
@@ -80,24 +79,6 @@ def require_trl() -> str:
         print(f"peers: warning: trl {trl.__version__} installed; this bench reads trl 1.16 "
               f"({PIP})", flush=True)
     return trl.__version__
-
-
-def machine() -> dict:
-    """The CPU (its model name, whether it has AMX bf16), cores and the library versions."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), None)
-    flags = next((x for x in lines if x.startswith("flags")), "")
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"cpu": name, "amx_bf16": " amx_bf16" in flags, "cores": os.cpu_count(),
-            "versions": versions}
 
 
 # ---------------------------------------------------------------- the parent
@@ -409,7 +390,7 @@ def main(argv=None) -> None:
     cfg = load(args)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     report = {"config": args.config, "overrides": args.overrides, "seeds": seeds,
-              "rounds": cfg.rl.iterations, "machine": machine(), "per_seed": {}}
+              "rounds": cfg.rl.iterations, "machine": machine("trl"), "per_seed": {}}
     m = report["machine"]
     print(f"peers: {m['cpu']} (amx_bf16: {m['amx_bf16']}), {m['cores']} cores; "
           + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), flush=True)

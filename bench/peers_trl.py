@@ -41,9 +41,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import resource
 import time
 from pathlib import Path
+
+from common import peak_memory_mib
 
 PIP = 'pip install --no-deps "trl==1.16.*"'   # or: pip install -e ".[bench]"
 
@@ -281,7 +282,7 @@ def run_trl(cfg, folder: Path, bf16: bool) -> dict:
     fed = [data["prompt"][r * P:(r + 1) * P] for r in range(len(gens))]
     return {"rounds": _rounds(gens, ends, reward.calls, fed, hashes, shape, cfg.rl.ppo_epochs),
             "steps": len(ends), "steps_per_round": shape["steps_per_round"],
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_mib": peak_memory_mib(),
             "train_seconds_total": train_wall, "wall_seconds": time.perf_counter() - t_start,
             "adapter": str(folder / "adapter"), "bf16": bf16,
             "settings": non_default(settings), "retokenized_prompts": retokenized}
@@ -325,7 +326,7 @@ def child_posttrain(cfg) -> dict:
                      "prompts_hash": prompts_hash([first[g] for g in sorted(first)]),
                      "len_mean": m["round_len_mean"], "abrupt": m["round_abrupt"]})
     return {"rounds": rows, "steps_per_round": step_shape(cfg)["steps_per_round"],
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_mib": peak_memory_mib(),
             "wall_seconds": wall, "adapter": str(cfg.run_dir / "rl" / "adapter")}
 
 

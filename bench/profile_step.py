@@ -14,16 +14,14 @@ kinds add up to about the step's time. Writes the table as JSON to
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, str(Path(__file__).parent))
-import throughput as T  # noqa: E402  (bench/throughput.py, beside this file)
+import throughput as T  # bench/throughput.py, beside this file
+from common import machine
 
 KINDS = (  # (kind, substrings of aten operator names), first match wins
     ("matmul", ("mm", "addmm", "bmm", "matmul", "linear", "mkldnn")),
@@ -117,7 +115,7 @@ def main() -> None:
             step(k)
         wall = (time.perf_counter() - t) / args.steps
     out = summarize(prof, wall, args.steps, args.top)
-    out.update(case=args.case, dtype=str(dtype), cpu=T.cpu_name(), overrides=args.overrides)
+    out.update(case=args.case, dtype=str(dtype), machine=machine(), overrides=args.overrides)
     print(f"{args.case} on {out['cpu']}, {dtype}: {wall:.2f} s per step (profiled)")
     for title in ("phases", "kinds", "top_ops"):
         print(f"\n{title}:")

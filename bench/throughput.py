@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common import machine, machine_line, peak_memory_mib
 
 CASES = {  # name -> config overrides
     "sft/ours": (),
@@ -84,28 +85,6 @@ CASES = {  # name -> config overrides
 
 
 # ---------------------------------------------------------------- measuring
-
-def peak_memory_mib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_name() -> str:
-    """The CPU's model name, and whether it has AMX / AVX-512 bf16 units (every table says)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import platform
-        return platform.processor() or "unknown CPU"
-    name = next((l.split(":", 1)[1].strip() for l in info.splitlines()
-                 if l.startswith("model name")), "unknown CPU")
-    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines()
-                      if l.startswith("flags")), []))
-    units = ("AMX bf16" if "amx_bf16" in flags else "no AMX") + \
-        (", AVX-512 bf16" if "avx512_bf16" in flags else "")
-    return f"{name} ({os.cpu_count()} cores, {units})"
-
 
 def matmul_peak(device, dtype, n: int = 2048, reps: int = 5) -> float:
     """Median FLOP/s of an n x n x n matmul in `dtype` (the MFU denominator)."""
@@ -413,7 +392,7 @@ def main() -> None:
         return json.loads(line[-1][7:]) if line else None
 
     print(f"bench: {args.config}, {args.warmup} warm-up + {args.steps} timed steps per case, "
-          f"on {cpu_name()}", flush=True)
+          f"on {machine_line()}", flush=True)
     peak = spawn("peak")
     if any(c.startswith("rl/") for c in names):
         spawn("prepare")
@@ -449,7 +428,7 @@ def main() -> None:
     from posttrain.io import atomic_write_json
     out = Path(args.out) if args.out else work / "throughput.json"
     atomic_write_json(out, {"config": args.config, "overrides": args.overrides,
-                            "cpu": cpu_name(),
+                            "machine": machine(),
                             "warmup": args.warmup, "steps": args.steps, "peak_flops": peak,
                             "cases": results})
     print(f"wrote {out}")

@@ -2,6 +2,7 @@
 the posttrain git commit, Python, the device), written beside them."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -36,6 +37,23 @@ def record_config(cfg: Config, stage: str) -> None:
         write_config(cfg, stage)
 
 
+def machine() -> dict:
+    """The CPU (model name, cores, whether it has AMX / AVX-512 bf16 units: timings and even
+    RL outcomes move with them) and a one-line description of it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")),
+                platform.processor() or "unknown CPU")
+    flags = set(next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), []))
+    out = {"cpu": name, "cores": os.cpu_count(), "amx_bf16": "amx_bf16" in flags,
+           "avx512_bf16": "avx512_bf16" in flags}
+    units = ("AMX bf16" if out["amx_bf16"] else "no AMX") + \
+        (", AVX-512 bf16" if out["avx512_bf16"] else "")
+    return out | {"line": f"{name} ({out['cores']} cores, {units})"}
+
+
 def environment(cfg: Optional[Config] = None) -> dict:
     """What made a stage's outputs: package versions, the posttrain git commit (when run
     from a checkout; `dirty` when it has uncommitted changes), Python, the device, and (with
@@ -59,8 +77,8 @@ def environment(cfg: Optional[Config] = None) -> dict:
         pass
     env = {"versions": versions, "git_commit": commit, "git_dirty": dirty,
            "python": platform.python_version(), "platform": platform.platform(),
-           "cuda": torch.version.cuda, "cuda_device": torch.cuda.get_device_name(0)
-           if torch.cuda.is_available() else None}
+           "machine": machine(), "cuda": torch.version.cuda,
+           "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if cfg is not None:
         env["device_choices"] = DeviceChoices(cfg, resolve_device(cfg.model)).record()
     return env
