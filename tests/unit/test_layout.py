@@ -403,3 +403,30 @@ def test_posttrain_imports_its_own_modules_only_at_module_level():
 def test_the_code_passes_ruff():
     done = ruff(LINTED, ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_readmes_layout_names_every_module_and_nothing_else():
+    """Every module of posttrain/ and script of bench/ is in the README's Layout block, and
+    every path the block names exists."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("\n## Layout\n", 1)[1].split("```\n", 2)[1]
+    named, folder = set(), ""
+    for line in block.splitlines():
+        if not line.strip() or line.startswith(" " * 6):       # a description's next line
+            continue
+        path = line.split()[0].rstrip(",")
+        if line.startswith("  "):                             # inside posttrain/
+            path = "posttrain/" + path
+        if path.endswith("/") and not line.startswith("  "):
+            folder = path
+        named.add(path)
+        if path.startswith("posttrain/view.py"):
+            named.add("posttrain/view.html")
+    assert folder, "no Layout block found"
+    have = {p.relative_to(ROOT).as_posix() for p in [*PACKAGE.rglob("*.py"),
+                                                      *(ROOT / "bench").glob("*.py")]
+            if p.name not in ("__init__.py", "__main__.py")}
+    missing = sorted(have - named)
+    assert not missing, f"modules the README's Layout leaves out: {missing}"
+    gone = sorted(p for p in named if not (ROOT / p).exists())
+    assert not gone, f"paths the README's Layout names that do not exist: {gone}"
