@@ -105,10 +105,11 @@ def sample_round(model, tokenizer, texts, prompts, cfg: Config, it: int, device,
     return rollouts
 
 
-def online_rounds(cfg: Config, loop: TrainLoop, tokenizer, dtype) -> Iterator[Round]:
-    """Rounds sampled from the current policy, from the resumed round on."""
+def online_rounds(cfg: Config, loop: TrainLoop, tokenizer, dtype, pool) -> Iterator[Round]:
+    """Rounds sampled from the current policy out of `pool` (the training prompts' texts and
+    token ids), from the resumed round on."""
     acc, extra = loop.acc, loop.extra
-    texts, prompts = train_prompt_pool(tokenizer, cfg)
+    texts, prompts = pool
     while extra.get("iteration", 0) < cfg.rl.iterations and loop.step < loop.total:
         it, t0 = extra.get("iteration", 0), time.perf_counter()
         rollouts = sample_round(loop.unwrapped, tokenizer, texts, prompts, cfg, it, acc.device,
@@ -324,8 +325,10 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     acc, dtype = dist.setup_accelerator(cfg)
     tokenizer = load_tokenizer(cfg.model, str(cfg.run_dir / "sft" / "adapter"))
-    offline, reward_lengths = (offline_round(cfg, tokenizer, acc.num_processes)
-                               if cfg.rl.mode == "offline" else (None, None))
+    if cfg.rl.mode == "offline":   # the samples, or the prompts they will come from
+        (offline, reward_lengths), pool = offline_round(cfg, tokenizer, acc.num_processes), None
+    else:
+        offline, reward_lengths, pool = None, None, train_prompt_pool(tokenizer, cfg)
     DeviceChoices(cfg, acc.device).check()
     model = load_policy(cfg, acc.device, cfg.run_dir / "sft" / "adapter", rl="new")
     loop = TrainLoop(cfg, "rl", cfg.rl, model, total_steps(cfg, acc.num_processes, offline),
@@ -337,7 +340,7 @@ def run(cfg: Config) -> dict:
         loop.metrics.log(0, **loop.extra["eval_before"])
     loop.start()
     rounds = [offline._replace(plan=offline.plan[loop.step:])] if offline is not None \
-        else online_rounds(cfg, loop, tokenizer, dtype)
+        else online_rounds(cfg, loop, tokenizer, dtype, pool)
     every = cfg.rl.checkpoint_every
     for rnd in rounds:
         for k, step in enumerate(rnd.plan):
