@@ -93,11 +93,12 @@ def test_recipe_bench_judges_variants_against_the_frontier(tiny_model_dir, tmp_p
     assert "The SFT's best-of-N on the bench's prompts" in table
 
 
-def test_attention_bench_folded_attention_matches_sdpa():
+def test_attention_bench_folded_attention_matches_sdpa(monkeypatch):
     """The folded-GQA eager attention the bench times is SDPA's attention (fp32, grads too)."""
     import importlib.util
     import torch
     path = Path(__file__).resolve().parents[2] / "bench" / "attention_ab.py"
+    monkeypatch.syspath_prepend(str(path.parent))   # as for a script: its folder first
     spec = importlib.util.spec_from_file_location("attention_ab", path)
     ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ab)

@@ -31,8 +31,10 @@ PEERS = [o for o in TINY if not o.startswith("rl.max_steps")] + [
 
 
 def _no_trl(args: list, cwd) -> subprocess.CompletedProcess:
-    """Run bench/peers.py with `import trl` failing, as where TRL is not installed."""
+    """Run bench/peers.py with `import trl` failing, as where TRL is not installed (and its
+    folder first on sys.path, as Python puts it for a script)."""
     shim = ("import runpy, sys; sys.modules['trl'] = None; "
+            f"sys.path.insert(0, {str(SCRIPT.parent)!r}); "
             f"sys.argv = {[str(SCRIPT), *args]!r}; "
             f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
     return subprocess.run([sys.executable, "-c", shim], capture_output=True, text=True,
