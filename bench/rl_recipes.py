@@ -156,7 +156,7 @@ def sft_run(args, out: Path, name: str, variant: Variant, seed: int) -> tuple[Pa
 
 def rl_run(args, out: Path, name: str, variant: Variant, seed: int, sft: Path) -> dict:
     """Train the variant's RL on the seed's SFT adapter, judge it, compare it with SFT."""
-    from posttrain.evaluate import bootstrap_ratio
+    from posttrain.evaluate.stats import bootstrap_ratio
     from posttrain.evaluate.frontier import best_of_n_table, frontier_match
 
     run = out / f"{name}-s{seed}"
