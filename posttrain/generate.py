@@ -45,10 +45,11 @@ def _draws(cfg: Config, prompts: list, device) -> list[int]:
     return draws
 
 
-def _vllm_engine(cfg: Config, dtype):
+def _vllm_engine(cfg: Config):
     return vllm_backend.VLLMSampler(
-        resolve_model_path(cfg.model), cfg.run_dir / "sft" / "adapter", cfg.lora.rank, dtype,
-        cfg.seed, cfg.data.max_prompt_tokens + cfg.generate.max_new_tokens + 8)
+        resolve_model_path(cfg.model), cfg.run_dir / "sft" / "adapter", cfg.lora.rank,
+        cfg.seed, cfg.data.max_prompt_tokens + cfg.generate.max_new_tokens + 8,
+        cfg.model.load_in_4bit)
 
 
 def _vllm_draw(cfg: Config, device, dtype, policy, tokenizer, vllm):
@@ -72,7 +73,7 @@ def _sample(cfg: Config, tokenizer, texts: list, prompts: list, device, dtype) -
     parts = C.Parts(out / "parts", lambda job: f"{job.index:06d}.jsonl",
                     lambda: provenance.record_config(cfg, "generate"))
     on_vllm = g.backend == "vllm"
-    vllm = _vllm_engine(cfg, dtype) if on_vllm else None   # started before the clock
+    vllm = _vllm_engine(cfg) if on_vllm else None   # started before the clock
     t0, new_tokens = time.perf_counter(), [0]
     bar = tqdm(total=len(jobs), desc="generate", unit="batch")
 

@@ -89,7 +89,7 @@ def run_stage(cfg: Config, stage: str, force: bool = False):
         result = STAGES[stage].run(cfg)
         if procs.main:
             clear_stale(cfg, stage)  # a stale stage with an empty folder ran in place
-    procs.barrier()
+    procs.after(STAGES[stage].shared)
     if stage == "eval" and procs.main:
         print(f"eval: report in {cfg.run_dir / 'eval' / 'report.md'}")
     return result
@@ -103,7 +103,7 @@ def _redo(cfg: Config, stage: str, procs: Processes):
         prepare_shadow(cfg, stage)
     procs.barrier()
     result = run_in_shadow(cfg, stage, procs)
-    procs.barrier()
+    procs.after(STAGES[stage].shared)
     if procs.main:
         _swap_in(cfg, stage)
     procs.barrier()
@@ -180,7 +180,7 @@ def _run_timed(cfg: Config, stage: str, redo: bool, procs: Processes) -> float:
         _redo(cfg, stage, procs)
     elif STAGES[stage].shared or procs.main:
         STAGES[stage].run(cfg)
-    procs.barrier()
+    procs.after(STAGES[stage].shared)
     return round(time.perf_counter() - t0, 1)
 
 

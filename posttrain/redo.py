@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -25,15 +26,20 @@ REDO = "redo.json"     # in the run directory: what a `run --force` has redone s
 SWAPPING = "swapping"  # in a shadow: its swap into the run directory has begun
 
 
+PATIENT = timedelta(days=30)   # how long the other processes wait for the main one's stages
+
+
 class Processes:
-    """Rank and barrier under `accelerate launch` / torchrun (one process: no-ops)."""
+    """Rank and barrier under `accelerate launch` / torchrun (one process: no-ops). The
+    process group is made here, with `timeout_minutes` for its collectives."""
 
     def __init__(self, cfg: Config):
-        self.state = None
+        self.state, self.waits = None, 0
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState  # heavy: only when several processes run
 
-            self.state = PartialState(cpu=resolve_device(cfg.model).type == "cpu")
+            self.state = PartialState(cpu=resolve_device(cfg.model).type == "cpu",
+                                      timeout=timedelta(minutes=cfg.timeout_minutes))
 
     @property
     def main(self) -> bool:
@@ -42,6 +48,31 @@ class Processes:
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
+
+    def after(self, shared: bool) -> None:
+        """Past a stage: a barrier after one every process ran (`shared`), else
+        wait_for_main."""
+        if shared:
+            self.barrier()
+        else:
+            self.wait_for_main()
+
+    def wait_for_main(self) -> None:
+        """Past a stage the main process runs alone (generate, eval, plot, view): the others
+        wait for its key in the process group's store, which takes no `timeout_minutes` (a
+        barrier would fail after it, however long the stage rightly takes), then all meet."""
+        if self.state is None:
+            return
+        import torch.distributed as tdist  # only when several processes run
+
+        store = tdist.distributed_c10d._get_default_store()
+        key = f"posttrain/main-done/{self.waits}"
+        self.waits += 1
+        if self.main:
+            store.set(key, "1")
+        else:
+            store.wait([key], PATIENT)
+        self.barrier()
 
 
 def shadow_dir(cfg: Config, stage: str) -> Path:

@@ -25,6 +25,10 @@ class Config:
     """Run directory: every stage reads its inputs from here and writes its outputs here."""
     seed: int = 42
     """Seed for data order, dropout and sampling."""
+    timeout_minutes: float = 30.0
+    """Under `accelerate launch`: how long a process waits for the others at a collective
+    (a gradient all-reduce, a gather) before the run fails. The stages the main process
+    runs alone (generate, eval, plot, view) are waited for without this limit."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -36,7 +40,9 @@ class Config:
     fast: FastConfig = field(default_factory=FastConfig)
 
     def __post_init__(self):
-        """The rules between fields, all of them in one place."""
+        """The rules between fields, all of them in one place (and the top-level values)."""
+        if not self.timeout_minutes > 0:
+            raise ConfigError(f"timeout_minutes={self.timeout_minutes!r} must be > 0")
         rl = self.rl
         if not rl.prompt_grad and rl.share_prompt is False:   # `auto`: DeviceChoices.check
             raise ConfigError("rl.prompt_grad=false needs the shared prompt pass: set "

@@ -204,7 +204,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device, store: bool = True):
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                   use_safetensors=True)
     if cfg.load_in_4bit:
-        kwargs.update(quantization_config=_bnb_config(device), device_map={"": device.index or 0})
+        kwargs.update(quantization_config=_bnb_config(cfg, device),
+                      device_map={"": device.index or 0})
     else:
         kwargs.update(dtype=torch.float32)
     from safetensors import SafetensorError  # a weights file cut short or damaged
@@ -264,7 +265,9 @@ def check_context(cfg, model) -> None:
             "positions; lower them")
 
 
-def _bnb_config(device: torch.device):
+def _bnb_config(cfg: ModelConfig, device: torch.device):
+    """NF4 with double quantisation; its compute dtype is model.precision's (bf16, or fp32
+    on a GPU without bf16: T4, V100)."""
     if device.type != "cuda":
         raise ModelError("model.load_in_4bit=true (QLoRA) needs a CUDA GPU; this run is on "
                          f"{device.type}. Set model.load_in_4bit=false to train in fp32/bf16.")
@@ -276,5 +279,5 @@ def _bnb_config(device: torch.device):
     from transformers import BitsAndBytesConfig  # heavy: loaded on first use
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_compute_dtype=compute_dtype(cfg, device),
                               bnb_4bit_use_double_quant=True)

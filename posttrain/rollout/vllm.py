@@ -4,7 +4,7 @@ vLLM draws the completions (base model + the SFT adapter as a LoRA request); the
 log-probs the RL stage needs (log pi_sft of each sampled token and of the stop token) are
 then computed by one teacher-forced forward of our own SFT policy, so they are exactly what
 the RL forward computes (vLLM's kernels round differently, which would put the PPO ratio
-off 1 at step 0). Install with `pip install vllm` on a CUDA machine.
+off 1 at step 0). Install with `pip install -e ".[vllm]"` (vllm 0.30.0) on a CUDA machine.
 """
 from __future__ import annotations
 
@@ -27,21 +27,35 @@ def check_available(device: torch.device) -> None:
         raise BackendError("generate.backend=vllm needs a CUDA device; use generate.backend=hf "
                            "(the default) on CPU")
     if importlib.util.find_spec("vllm") is None:
-        raise BackendError("generate.backend=vllm needs the vllm package: pip install vllm "
-                           "(or use generate.backend=hf, the default)")
+        raise BackendError("generate.backend=vllm needs the vllm package: pip install "
+                           "'posttrain[vllm]' (vllm 0.30.0; or use generate.backend=hf, the "
+                           "default)")
+
+
+def engine_args(model_path: str, lora_rank: int, seed: int, max_len: int, four_bit: bool,
+                bf16: bool) -> dict:
+    """vLLM's engine settings: the base model with room for the SFT adapter, in bf16 where
+    the GPU has it, else fp16 (vLLM's attention kernels take no fp32; the samples' log-probs
+    are scored by posttrain's own policy anyway); a 4-bit policy (model.load_in_4bit) is
+    sampled from bitsandbytes 4-bit weights too, not from the unquantised base."""
+    args = dict(model=model_path, enable_lora=True, max_lora_rank=max(lora_rank, 8),
+                dtype="bfloat16" if bf16 else "float16", seed=seed, max_model_len=max_len,
+                gpu_memory_utilization=0.5)
+    if four_bit:
+        args["quantization"] = "bitsandbytes"
+    return args
 
 
 class VLLMSampler:
     """One vLLM engine for the whole stage, serving the base model with the SFT adapter."""
 
-    def __init__(self, model_path: str, adapter: Path, lora_rank: int, dtype: torch.dtype,
-                 seed: int, max_len: int):
+    def __init__(self, model_path: str, adapter: Path, lora_rank: int, seed: int,
+                 max_len: int, four_bit: bool):
         from vllm import LLM  # optional extra (CUDA only)
         from vllm.lora.request import LoRARequest  # optional extra (CUDA only)
 
-        self.llm = LLM(model=model_path, enable_lora=True, max_lora_rank=max(lora_rank, 8),
-                       dtype="bfloat16" if dtype == torch.bfloat16 else "float32", seed=seed,
-                       max_model_len=max_len, gpu_memory_utilization=0.5)
+        self.llm = LLM(**engine_args(model_path, lora_rank, seed, max_len, four_bit,
+                                     torch.cuda.is_bf16_supported()))
         self.lora = LoRARequest("sft", 1, str(adapter))
 
     def sample(self, prompts: list[list[int]], group: int, max_new_tokens: int, eos_id: int,

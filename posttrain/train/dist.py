@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from datetime import timedelta
 
 import torch
 
@@ -15,10 +16,13 @@ from posttrain.model.load import compute_dtype, resolve_device
 def setup_accelerator(cfg: Config):
     """The accelerate Accelerator for the configured device and precision, and the dtype."""
     from accelerate import Accelerator  # heavy: loaded by the training stages only
+    from accelerate.utils import InitProcessGroupKwargs
 
     device = resolve_device(cfg.model)
     dtype = compute_dtype(cfg.model, device)
-    acc = Accelerator(cpu=device.type == "cpu",
+    # the process group's timeout (when the pipeline has not made the group already)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.timeout_minutes))
+    acc = Accelerator(cpu=device.type == "cpu", kwargs_handlers=[timeout],
                       mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     return acc, dtype
 

@@ -3,7 +3,8 @@ then eval, plot and view on the main process) on the tiny model. Each process wr
 it trained on (the micro-batches its share held) and its final LoRA weights to
 <out>/rank<R>.json and <out>/rank<R>-<stage>.safetensors. With STAGE set it runs that stage
 alone; with DIE_AFTER_CHECKPOINT=N every process stops (KeyboardInterrupt) right after the
-checkpoint of step N is written."""
+checkpoint of step N is written; with SLOW_EVAL=S the evaluation (main process) first sleeps
+S seconds."""
 from __future__ import annotations
 
 import json
@@ -78,6 +79,17 @@ if os.environ.get("DIE_AFTER_CHECKPOINT"):
             raise KeyboardInterrupt
 
     TrainLoop.save_checkpoint = save_then_die
+if os.environ.get("SLOW_EVAL"):  # the main process's eval takes this many seconds longer
+    import time
+
+    from posttrain.evaluate import run as eval_run
+    real_eval = eval_run.run
+
+    def slow_eval(*a, **k):
+        time.sleep(float(os.environ["SLOW_EVAL"]))
+        return real_eval(*a, **k)
+
+    eval_run.run = slow_eval
 if os.environ.get("STAGE"):
     pipeline.run_stage(cfg, os.environ["STAGE"])
 else:

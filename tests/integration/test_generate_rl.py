@@ -302,6 +302,18 @@ def test_vllm_backend_is_a_clear_error_without_cuda_or_vllm(run_cfg):
     assert not (cfg.run_dir / "generate" / "dataset").exists()
 
 
+def test_vllm_engine_settings_are_ones_vllm_takes():
+    """bf16 where the GPU has it, else fp16 (never fp32, which vLLM's attention refuses); a
+    4-bit policy sampled from 4-bit weights; room for the adapter's rank."""
+    from posttrain.rollout.vllm import engine_args
+    args = engine_args("m", 4, 7, 600, four_bit=False, bf16=True)
+    assert (args["dtype"], args["max_lora_rank"], args["seed"]) == ("bfloat16", 8, 7)
+    assert "quantization" not in args
+    args = engine_args("m", 16, 7, 600, four_bit=True, bf16=False)
+    assert (args["dtype"], args["max_lora_rank"], args["quantization"]) == \
+        ("float16", 16, "bitsandbytes")
+
+
 def test_vllm_backend_records_are_scored_by_the_sft_policy(run_cfg, monkeypatch):
     """With vLLM's sampling replaced by fixed completions, the stage writes the records the
     RL stage needs, their log-probs those of the SFT policy's own forward."""
