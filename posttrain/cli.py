@@ -15,7 +15,7 @@ from posttrain.io import InputFileError
 from posttrain.lock import command_line, out_dir_lock
 from posttrain.stages import RUN_HELP, STAGES
 
-LAUNCH_FILES = ("ddp", "fsdp", "deepspeed-zero2")
+LAUNCH_FILES = ("ddp", "fsdp")
 
 EXAMPLES = """examples:
   posttrain run                                   # the demo, end to end (CPU, embedded model)

@@ -9,8 +9,16 @@ from datetime import timedelta
 
 import torch
 
-from posttrain.config import Config
+from posttrain.config import Config, ConfigError
 from posttrain.model.load import compute_dtype, resolve_device
+
+
+DEEPSPEED = (
+    "DeepSpeed is not supported: accelerate's DeepSpeed engine takes an optimizer step on "
+    "every backward, so a posttrain step of grad_accum micro-batches (and the zero-weight "
+    "micro-batch that evens out the processes) would be several AdamW updates; and ZeRO's "
+    "sharding of the optimizer state saves next to nothing for LoRA, whose trainable weights "
+    "are a few MB. Launch with `posttrain accelerate-config ddp` (or fsdp)")
 
 
 def setup_accelerator(cfg: Config):
@@ -24,6 +32,8 @@ def setup_accelerator(cfg: Config):
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.timeout_minutes))
     acc = Accelerator(cpu=device.type == "cpu", kwargs_handlers=[timeout],
                       mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    if acc.distributed_type.value == "DEEPSPEED":
+        raise ConfigError(DEEPSPEED)
     return acc, dtype
 
 
