@@ -1,10 +1,10 @@
 """Run by test_distributed.py under `accelerate launch`: `posttrain run` (SFT, online RL,
 then eval, plot and view on the main process) on the tiny model. Each process writes what
-it trained on (the micro-batches its share held) and its final LoRA weights to
-<out>/rank<R>.json and <out>/rank<R>-<stage>.safetensors. With STAGE set it runs that stage
-alone; with DIE_AFTER_CHECKPOINT=N every process stops (KeyboardInterrupt) right after the
-checkpoint of step N is written; with SLOW_EVAL=S the evaluation (main process) first sleeps
-S seconds."""
+it trained on (the micro-batches its share held) and each loop's steps and AdamW step
+counts to <out>/rank<R>.json, its final LoRA weights to <out>/rank<R>-<stage>.safetensors.
+With STAGE set it runs that stage alone; with DIE_AFTER_CHECKPOINT=N every process stops
+(KeyboardInterrupt) right after the checkpoint of step N is written; with SLOW_EVAL=S the
+evaluation (main process) first sleeps S seconds."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,7 @@ from posttrain.config import load_config
 out = Path(sys.argv[1])
 cfg = load_config(None, tuple(sys.argv[2:]))
 rank = int(os.environ["RANK"])
-seen = {"sft": [], "rl": []}
+seen = {"sft": [], "rl": [], "optimizer_steps": {}, "loop_steps": {}}
 weights = {}
 
 
@@ -54,9 +54,12 @@ sft.evaluate_loss = last_eval
 finish = TrainLoop.finish
 
 
-def finish_and_keep(self, *a, **k):  # the RL loop's end, with the trained RL adapter
+def finish_and_keep(self, *a, **k):  # a loop's end: the RL adapter, the optimizer's steps
     if self.stage == "rl":
         weights["rl"] = lora(self.unwrapped, RL)
+    seen["optimizer_steps"][self.stage] = sorted({int(s["step"]) for s in
+                                                  self.optimizer.state.values()})
+    seen["loop_steps"][self.stage] = self.step
     return finish(self, *a, **k)
 
 

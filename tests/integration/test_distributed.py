@@ -147,3 +147,28 @@ def test_the_main_processs_long_stages_outlast_the_collective_timeout(tiny_model
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     timings = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert timings["eval"] > 30 and (tmp_path / "run" / "view" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_a_step_is_one_optimizer_step_and_the_padding_micro_batch_moves_nothing(
+        tiny_model_dir, tmp_path):
+    """SFT on 8 rows in micro-batches of 3 (3, 3, 2), two per step: on 2 processes the
+    second step's second process runs a zero-weight repeat. Each step is one AdamW step on
+    both processes, and the adapter equals one process's taking both micro-batches itself."""
+    common = TINY + (f"model.name={tiny_model_dir}", "sft.batch_size=3", "sft.max_steps=0",
+                     "lora.dropout=0.0")   # no dropout: the ranks would draw other masks
+    done = _launch(tmp_path, common + (f"out_dir={tmp_path / 'two'}", "sft.grad_accum=1"),
+                   STAGE="sft")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for r in (0, 1):
+        seen = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert seen["loop_steps"]["sft"] == 2 and seen["optimizer_steps"]["sft"] == [2]
+    assert [len(s) for s in seen["sft"]] == [1, 0]      # rank 1's second share: the repeat
+    from posttrain import sft
+    from posttrain.config import load_config
+    sft.run(load_config(None, common + (f"out_dir={tmp_path / 'one'}", "sft.grad_accum=2")))
+    a, b = (load_file(str(tmp_path / d / "sft" / "adapter" / "adapter_model.safetensors"))
+            for d in ("one", "two"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

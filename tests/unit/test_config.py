@@ -147,11 +147,12 @@ def test_help_prints_every_field_with_its_full_docstring():
     assert set(printed) == set(expected)          # every field, nothing else
     for key_line, doc_line in expected.items():
         assert printed[key_line] == doc_line, key_line
-    assert len(expected) == 110  # 110 before the schema was split; + model.gqa_attention,
-    # model.fp32_cached_attention, rl.prompt_grad; - rl.credit, fast.completion_logits,
-    # fast.fused_logprobs (the exact fast paths lost their switches; fast.merged_sft,
-    # length_chunks, sorted_micro, lora_input_casts, fused_projections and rl.bond came
-    # and went)
+    assert len(expected) == 111  # 110 before the schema was split; + model.gqa_attention,
+    # model.fp32_cached_attention, rl.prompt_grad, timeout_minutes; - rl.credit,
+    # fast.completion_logits, fast.fused_logprobs (the exact fast paths lost their switches;
+    # fast.merged_sft, length_chunks, sorted_micro, lora_input_casts, fused_projections and
+    # rl.bond came and went)
+    assert "  timeout_minutes = 30.0" in expected
     # a few in full, as written before the split
     text = describe()
     assert "  rl.iterations = 16\n      online: sampling rounds.\n" in text

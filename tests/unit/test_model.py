@@ -23,7 +23,7 @@ from posttrain.sft import completion_loss
 
 def test_qlora_on_cpu_is_a_clear_error():
     with pytest.raises(ModelError, match="load_in_4bit=true.*needs a CUDA GPU"):
-        model_load._bnb_config(torch.device("cpu"))
+        model_load._bnb_config(load_config("demo").model, torch.device("cpu"))
 
 
 def test_precision_choices():
