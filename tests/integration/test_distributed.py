@@ -172,3 +172,26 @@ def test_a_step_is_one_optimizer_step_and_the_padding_micro_batch_moves_nothing(
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_offline_rl_on_two_processes(tiny_model_dir, tmp_path):
+    """The reference recipe's path: SFT on both processes, the generated set on the main
+    one, offline RL on both (each step's micro-batches split), identical RL weights."""
+    overrides = TINY + (
+        f"out_dir={tmp_path / 'run'}", f"model.name={tiny_model_dir}", "sft.batch_size=2",
+        "sft.grad_accum=1", "rl.mode=offline", "generate.num_samples=16",
+        "generate.samples_per_prompt=2", "generate.batch_size=2", "rl.batch_size=2",
+        "rl.grad_accum=1", "rl.max_steps=0", "rl.advantage=per_token")
+    done = _launch(tmp_path, overrides)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run = tmp_path / "run"
+    assert (run / "generate" / "stats.json").is_file() and (run / "eval" / "report.json").is_file()
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    a, b = (load_file(str(tmp_path / f"rank{r}-rl.safetensors")) for r in (0, 1))
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    # 16 samples in micro-batches of one prompt group (2), two per step: 4 steps, each
+    # process one micro-batch of its own per step
+    assert seen[0]["loop_steps"]["rl"] == 4 and seen[0]["optimizer_steps"]["rl"] == [4]
+    for m0, m1 in zip(seen[0]["rl"], seen[1]["rl"]):
+        assert len(m0) == len(m1) == 1 and m0 != m1
