@@ -77,13 +77,17 @@ def load_adapter(model, path: Path, trainable: bool = False, name: str = "defaul
                          "redo the stage that made it with --force") from None
 
 
-def save_adapter(model, tokenizer, path: Path, adapter: str | None = None) -> None:
-    """Save the LoRA weights (one named adapter, or all) and the tokenizer, atomically."""
+def save_adapter(model, tokenizer, path: Path, adapter: str | None = None,
+                 state_dict: dict | None = None) -> None:
+    """Save the LoRA weights (one named adapter, or all) and the tokenizer, atomically.
+    `state_dict`: the weights to save by parameter name (FSDP's gathered shards), in place of
+    the model's own."""
+    extra = {} if state_dict is None else {"state_dict": state_dict}
     with atomic_dir(Path(path)) as tmp:
         if adapter is None:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **extra)
         else:  # peft writes a non-default adapter into a subfolder of its name
-            model.save_pretrained(tmp, selected_adapters=[adapter])
+            model.save_pretrained(tmp, selected_adapters=[adapter], **extra)
             for f in (tmp / adapter).iterdir():
                 f.rename(tmp / f.name)
             (tmp / adapter).rmdir()

@@ -61,6 +61,18 @@ def sync_unless(acc, model, last: bool):
     return contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)
 
 
+def full_trainable_state(model) -> dict | None:
+    """The trainable (LoRA) weights whole, when FSDP shards them (DTensors): every process
+    must call it (each gathers the others' shards); None when nothing is sharded."""
+    from torch.distributed.tensor import DTensor  # only what FSDP2 makes is one
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not any(isinstance(p, DTensor) for _, p in params):
+        return None
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for n, p in params}
+
+
 def gather(acc, objects: list) -> list:
     """Every process's `objects`, concatenated in rank order (one process: as they are)."""
     if acc.num_processes == 1:

@@ -131,10 +131,11 @@ class TrainLoop:
         adapter and the summary; the checkpoints go once the adapter is written."""
         self.metrics.log(self.step, **after)
         self.metrics.close()
+        whole = dist.full_trainable_state(self.unwrapped)   # every process: FSDP gathers
         if self.acc.is_main_process:
             provenance.record_config(self.cfg, self.stage)
             save_adapter(self.unwrapped, tokenizer, self.out / "adapter",
-                         None if self.adapter == "default" else self.adapter)
+                         None if self.adapter == "default" else self.adapter, whole)
             atomic_write_json(self.out / "summary.json", summary)
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         self.acc.wait_for_everyone()  # the adapter is on disk before any process reads it

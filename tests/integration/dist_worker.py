@@ -4,7 +4,8 @@ it trained on (the micro-batches its share held) and each loop's steps and AdamW
 counts to <out>/rank<R>.json, its final LoRA weights to <out>/rank<R>-<stage>.safetensors.
 With STAGE set it runs that stage alone; with DIE_AFTER_CHECKPOINT=N every process stops
 (KeyboardInterrupt) right after the checkpoint of step N is written; with SLOW_EVAL=S the
-evaluation (main process) first sleeps S seconds."""
+evaluation (main process) first sleeps S seconds; with FSDP=1 the accelerator takes
+accelerate's FSDP2 path (fully_shard per decoder layer), as on a GPU launch."""
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def recording(original):
 
 
 def lora(model, adapter):
+    from torch.distributed.tensor import DTensor   # FSDP's shards: gathered by every rank
     state = get_peft_model_state_dict(model, adapter_name=adapter)
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+            for k, v in state.items()}
 
 
 dist.rank_share = recording(dist.rank_share)
@@ -82,6 +85,20 @@ if os.environ.get("DIE_AFTER_CHECKPOINT"):
             raise KeyboardInterrupt
 
     TrainLoop.save_checkpoint = save_then_die
+if os.environ.get("FSDP"):  # accelerate's FSDP2 path, which it takes only for GPU launches
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    real_init = Accelerator.__init__
+
+    def fsdp_init(self, *a, **k):
+        real_init(self, *a, **k)
+        self.state.distributed_type = DistributedType.FSDP
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+            state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+
+    Accelerator.__init__ = fsdp_init
 if os.environ.get("SLOW_EVAL"):  # the main process's eval takes this many seconds longer
     import time
 
