@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from posttrain.io import atomic_dir, atomic_write_json
-from posttrain.train.dist import rng_state
+from posttrain.train.dist import load_whole_state, rng_state
 
 _STEP = re.compile(r"^step_(\d+)$")
 
@@ -36,18 +36,27 @@ def latest(ckpt_dir: Path) -> Optional[Path]:
 
 
 def save(ckpt_dir: Path, step: int, model, optimizer, scheduler, extra: dict,
-         keep: int = 2, adapter: str = "default", rng: Optional[list] = None) -> Path:
+         keep: int = 2, adapter: str = "default", rng: Optional[list] = None,
+         whole: tuple = (None, None)) -> Path:
     """Write checkpoint `step_<step>` and prune all but the `keep` newest. `rng`: every
-    process's random state (train.dist.rng_state), by rank; None: this process's."""
+    process's random state (train.dist.rng_state), by rank; None: this process's. `whole`:
+    under FSDP, the trainable weights and optimizer state gathered whole, by parameter
+    name (written as `trainable.safetensors` and the state's `optimizer`)."""
     from peft import get_peft_model_state_dict  # heavy: peft imports transformers
 
     rng = rng if rng is not None else [rng_state()]
     path = Path(ckpt_dir) / f"step_{step}"
+    weights, optim = whole
     with atomic_dir(path) as tmp:
-        weights = {k: v.detach().cpu().contiguous()
-                   for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
-        save_file(weights, str(tmp / "adapter.safetensors"))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(),
+        if weights is None:
+            weights = {k: v.detach().cpu().contiguous() for k, v in
+                       get_peft_model_state_dict(model, adapter_name=adapter).items()}
+            save_file(weights, str(tmp / "adapter.safetensors"))
+        else:
+            save_file({k: v.contiguous() for k, v in weights.items()},
+                      str(tmp / "trainable.safetensors"))
+        torch.save({"step": step,
+                    "optimizer": optimizer.state_dict() if optim is None else optim,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     **rng[0], "rng": rng}, tmp / "state.pt")
         atomic_write_json(tmp / "extra.json", extra)
@@ -74,10 +83,14 @@ def load(path: Path, model, optimizer, scheduler, adapter: str = "default",
     """Restore a checkpoint into the live objects; returns (step, extra)."""
     from peft import set_peft_model_state_dict  # heavy: peft imports transformers
 
-    set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter.safetensors")),
-                              adapter_name=adapter)
     state = torch.load(Path(path) / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if (Path(path) / "trainable.safetensors").is_file():   # FSDP's: whole, by name
+        load_whole_state(model, optimizer, load_file(str(Path(path) / "trainable.safetensors")),
+                         state["optimizer"])
+    else:
+        set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter.safetensors")),
+                                  adapter_name=adapter)
+        optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     _restore_rng(state, rank)

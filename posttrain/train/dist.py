@@ -61,6 +61,36 @@ def sync_unless(acc, model, last: bool):
     return contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)
 
 
+def sharded(model) -> bool:
+    """Whether FSDP (FSDP2's fully_shard) holds the trainable weights in shards (DTensors)."""
+    from torch.distributed.tensor import DTensor  # only what FSDP2 makes is one
+
+    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+
+
+def full_optimizer_state(model, optimizer) -> dict | None:
+    """The optimizer's state whole, by parameter name, when FSDP shards it: every process
+    must call it; None when nothing is sharded (the optimizer's own state_dict serves)."""
+    if not sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+
+
+def load_whole_state(model, optimizer, weights: dict, optim: dict) -> None:
+    """Load whole trainable weights (by parameter name) and optimizer state into a sharded
+    model and its optimizer: each process keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optim, options=options)
+
+
 def full_trainable_state(model) -> dict | None:
     """The trainable (LoRA) weights whole, when FSDP shards them (DTensors): every process
     must call it (each gathers the others' shards); None when nothing is sharded."""

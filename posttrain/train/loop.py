@@ -115,11 +115,14 @@ class TrainLoop:
     def save_checkpoint(self) -> None:
         """Every process's RNG state to the main process, which writes the checkpoint."""
         rng = dist.gather(self.acc, [dist.rng_state()])
+        # under FSDP every process gathers the shards of the weights and optimizer state
+        whole = dist.full_trainable_state(self.unwrapped)
+        optim = dist.full_optimizer_state(self.unwrapped, self.optimizer)
         if self.acc.is_main_process:
             provenance.record_config(self.cfg, self.stage)
             checkpoint.save(self.ckpt_dir, self.step, self.unwrapped, self.optimizer,
                             self.scheduler, self.extra, keep=self.optim.keep_checkpoints,
-                            adapter=self.adapter, rng=rng)
+                            adapter=self.adapter, rng=rng, whole=(whole, optim))
         self.acc.wait_for_everyone()
 
     def close_bar(self) -> None:

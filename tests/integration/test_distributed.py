@@ -198,16 +198,25 @@ def test_offline_rl_on_two_processes(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_sft_trains_and_saves_the_adapter_a_ddp_run_saves(tiny_model_dir, tmp_path):
-    """accelerate's FSDP2 path forced on 2 CPU processes (gloo): the LoRA weights are sharded
-    (DTensors), every process gathers them for the main one to save (no deadlock), and the
-    adapter is the one DDP trains from the same data (exactly: two shards sum as DDP's
-    all-reduce does). FSDP checkpoints and RL are not there yet (README)."""
+def test_fsdp2_sft_checkpoints_resumes_and_saves_the_adapter_a_ddp_run_saves(tiny_model_dir,
+                                                                            tmp_path):
+    """accelerate's FSDP2 path forced on 2 CPU processes (gloo): the LoRA weights and AdamW
+    state are sharded (DTensors); every process gathers them for the checkpoint and the
+    adapter the main one writes (no deadlock). Killed after its first checkpoint and run
+    again, it resumes and ends with the adapter DDP trains from the same data (two shards
+    sum as DDP's all-reduce does). RL under FSDP is not there yet (README)."""
     common = TINY + (f"model.name={tiny_model_dir}", "sft.batch_size=2", "sft.grad_accum=1",
-                     "lora.dropout=0.0", "sft.checkpoint_every=0")
-    for name, env in (("ddp", {}), ("fsdp", {"FSDP": "1"})):
-        done = _launch(tmp_path, common + (f"out_dir={tmp_path / name}",), STAGE="sft", **env)
-        assert done.returncode == 0, done.stderr[-3000:]
+                     "lora.dropout=0.0", "sft.checkpoint_every=1")
+    done = _launch(tmp_path, common + (f"out_dir={tmp_path / 'ddp'}",), STAGE="sft")
+    assert done.returncode == 0, done.stderr[-3000:]
+    fsdp = common + (f"out_dir={tmp_path / 'fsdp'}",)
+    killed = _launch(tmp_path, fsdp, STAGE="sft", FSDP="1", DIE_AFTER_CHECKPOINT="1")
+    assert killed.returncode != 0
+    step_1 = tmp_path / "fsdp" / "sft" / "checkpoints" / "step_1"
+    assert (step_1 / "trainable.safetensors").is_file(), killed.stderr[-3000:]
+    resumed = _launch(tmp_path, fsdp, STAGE="sft", FSDP="1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
     a, b = (load_file(str(tmp_path / d / "sft" / "adapter" / "adapter_model.safetensors"))
             for d in ("ddp", "fsdp"))
     assert a.keys() == b.keys() and a
