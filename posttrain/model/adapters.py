@@ -181,14 +181,42 @@ def sft_only(model):
         _activate(model, (SFT, RL))
 
 
+def sharded(model) -> bool:
+    """Whether FSDP (FSDP2's fully_shard) holds the trainable weights in shards (DTensors)."""
+    from torch.distributed.tensor import DTensor  # only what FSDP2 makes is one
+
+    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+
+
+@contextmanager
+def whole_weights(model):
+    """Under FSDP2: every sharded module's weights gathered (every process, in the same
+    order) and kept whole while the body runs forwards of its own, as many as it likes with
+    no collective (sampling: each process's samples end at other lengths), then sharded
+    again. Without FSDP: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule  # only FSDP2's modules are ones
+
+    parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in parts:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in parts:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
 @contextmanager
 def sampler(model, cfg, device: torch.device, dtype: torch.dtype):
     """Yield the model to sample from, as it is now (active adapters, or all disabled).
     With `model.merged_sampling` (and no 4-bit base): a copy with the active LoRA adapters
     merged into its weights and cast to `dtype`, run without autocast (no per-call weight
-    casts, no adapter matmuls). Otherwise `model` itself under autocast."""
-    if not cfg.merged_sampling or cfg.load_in_4bit:
-        with autocast(device, dtype):
+    casts, no adapter matmuls). Otherwise `model` itself under autocast; under FSDP, with its
+    weights gathered whole for the while (FSDP refuses a copy)."""
+    if not cfg.merged_sampling or cfg.load_in_4bit or sharded(model):
+        with autocast(device, dtype), whole_weights(model):
             yield model
         return
     fast = copy.deepcopy(model)

@@ -34,10 +34,10 @@ import torch
 
 from posttrain import objectives as O
 from posttrain import seeds
-from posttrain.config import Config
+from posttrain.config import Config, ConfigError
 from posttrain.io import atomic_write_json, finished
 from posttrain.evaluate.stats import length_summary
-from posttrain.model.adapters import RL, load_policy, sampler, sft_only
+from posttrain.model.adapters import RL, load_policy, sampler, sft_only, sharded
 from posttrain.model.choices import DeviceChoices
 from posttrain.model.forward import policy_logprobs
 from posttrain.model.load import load_tokenizer
@@ -252,7 +252,7 @@ def train_step(loop: TrainLoop, rnd: Round, step: Step, tokenizer, cfg: Config,
     (6-7, beta and the log, follow in `run`); returns the step's metrics row (figures summed
     over the processes)."""
     acc, model, t0 = loop.acc, loop.model, time.perf_counter()
-    share_prompt = DeviceChoices(cfg, acc.device).share_prompt
+    share_prompt = shared_prompt_pass(cfg, loop)
     stop_id = tokenizer.eos_token_id
     # 1. the batch: advantages, loss weights, pi_old and the stop credit, as tensors
     b = step_batch(rnd, step, cfg, stop_id, acc.device)
@@ -304,6 +304,18 @@ def train_step(loop: TrainLoop, rnd: Round, step: Step, tokenizer, cfg: Config,
                tokens_per_s=step_tokens(rnd.rollouts, step, share_prompt)
                / (time.perf_counter() - t0))
     return row
+
+
+def shared_prompt_pass(cfg: Config, loop: TrainLoop) -> bool:
+    """rl.share_prompt resolved: `auto` for the device, and off under FSDP, where every
+    process must run as many forwards as the others (the shared pass's count follows its
+    samples' lengths)."""
+    if not sharded(loop.unwrapped):
+        return DeviceChoices(cfg, loop.acc.device).share_prompt
+    if cfg.rl.share_prompt is True or not cfg.rl.prompt_grad:
+        raise ConfigError("under FSDP each sample runs with its own prompt: set "
+                          "rl.share_prompt=auto (or false) and rl.prompt_grad=true")
+    return False
 
 
 def step_tokens(rollouts: list[Rollout], step: Step, share_prompt: bool) -> int:

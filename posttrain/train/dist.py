@@ -10,6 +10,7 @@ from datetime import timedelta
 import torch
 
 from posttrain.config import Config, ConfigError
+from posttrain.model.adapters import sharded
 from posttrain.model.load import compute_dtype, resolve_device
 
 
@@ -59,13 +60,6 @@ def all_finite(acc, loss: torch.Tensor) -> bool:
 def sync_unless(acc, model, last: bool):
     """Gradient all-reduce only on a step's last backward (no_sync before it)."""
     return contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)
-
-
-def sharded(model) -> bool:
-    """Whether FSDP (FSDP2's fully_shard) holds the trainable weights in shards (DTensors)."""
-    from torch.distributed.tensor import DTensor  # only what FSDP2 makes is one
-
-    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
 
 
 def full_optimizer_state(model, optimizer) -> dict | None:

@@ -222,3 +222,27 @@ def test_fsdp2_sft_checkpoints_resumes_and_saves_the_adapter_a_ddp_run_saves(tin
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_fsdp2_online_rl_trains_as_ddp_does(tiny_model_dir, tmp_path):
+    """The whole pipeline with accelerate's FSDP2 path forced on 2 CPU processes: online RL
+    samples each round's share and the held-out checks from weights gathered whole (no
+    copy: FSDP refuses one), takes the KL reference with the adapter off, and ends with the
+    RL adapter DDP trains (each sample with its own prompt and unmerged sampling in both, as
+    FSDP runs them)."""
+    common = TINY + (
+        f"model.name={tiny_model_dir}", "sft.batch_size=2", "sft.grad_accum=1",
+        "lora.dropout=0.0", "rl.mode=online", "rl.iterations=2", "rl.prompts_per_iteration=4",
+        "generate.samples_per_prompt=2", "generate.batch_size=2", "rl.batch_size=2",
+        "rl.grad_accum=1", "rl.max_steps=0", "rl.advantage=group", "rl.share_prompt=false",
+        "model.merged_sampling=false", "rl.checkpoint_every=1")
+    for name, env in (("ddp", {}), ("fsdp", {"FSDP": "1"})):
+        done = _launch(tmp_path / name, common + (f"out_dir={tmp_path / name / 'run'}",), **env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / d / "run" / "rl" / "adapter" / "adapter_model.safetensors"))
+            for d in ("ddp", "fsdp"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "fsdp" / "run" / "eval" / "report.json").is_file()
