@@ -246,3 +246,21 @@ def test_fsdp2_online_rl_trains_as_ddp_does(tiny_model_dir, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert (tmp_path / "fsdp" / "run" / "eval" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_runs_bf16_with_frozen_bf16_weights_beside_fp32_lora(tiny_model_dir, tmp_path):
+    """model.precision=bf16 (the GPU config's): the frozen weights stored in bf16 and the
+    LoRA weights in fp32 share FSDP2's units (FSDP1's flat units refused the mix: "Must
+    flatten tensors with uniform dtype"); the pipeline finishes."""
+    overrides = TINY + (
+        f"out_dir={tmp_path / 'run'}", f"model.name={tiny_model_dir}", "model.precision=bf16",
+        "sft.batch_size=2", "sft.grad_accum=1", "rl.mode=online", "rl.iterations=1",
+        "rl.prompts_per_iteration=2", "generate.samples_per_prompt=2", "generate.batch_size=2",
+        "rl.batch_size=2", "rl.grad_accum=1", "rl.max_steps=0", "rl.advantage=group")
+    from posttrain.model.load import bf16_supported
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no bf16 support (model.precision=bf16 is refused)")
+    done = _launch(tmp_path, overrides, FSDP="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "rl" / "adapter" / "adapter_model.safetensors").is_file()
