@@ -85,13 +85,17 @@ def run_stage(cfg: Config, stage: str, force: bool = False):
     result = None
     if made(cfg, stage) and (force or stage in stale(cfg) or config_diff(cfg, stage)):
         result = _redo(cfg, stage, procs)
-    elif STAGES[stage].shared or procs.main:
-        result = STAGES[stage].run(cfg)
-        if procs.main:
-            clear_stale(cfg, stage)  # a stale stage with an empty folder ran in place
-    procs.after(STAGES[stage].shared)
+    else:
+        result = procs.run(STAGES[stage].shared, lambda: _run_in_place(cfg, stage, procs))
     if stage == "eval" and procs.main:
         print(f"eval: report in {cfg.run_dir / 'eval' / 'report.md'}")
+    return result
+
+
+def _run_in_place(cfg: Config, stage: str, procs: Processes):
+    result = STAGES[stage].run(cfg)
+    if procs.main:
+        clear_stale(cfg, stage)  # a stale stage with an empty folder ran in place
     return result
 
 
@@ -102,8 +106,7 @@ def _redo(cfg: Config, stage: str, procs: Processes):
     if procs.main:
         prepare_shadow(cfg, stage)
     procs.barrier()
-    result = run_in_shadow(cfg, stage, procs)
-    procs.after(STAGES[stage].shared)
+    result = procs.run(STAGES[stage].shared, lambda: run_in_shadow(cfg, stage, procs))
     if procs.main:
         _swap_in(cfg, stage)
     procs.barrier()
@@ -178,9 +181,8 @@ def _run_timed(cfg: Config, stage: str, redo: bool, procs: Processes) -> float:
     t0 = time.perf_counter()
     if redo:
         _redo(cfg, stage, procs)
-    elif STAGES[stage].shared or procs.main:
-        STAGES[stage].run(cfg)
-    procs.after(STAGES[stage].shared)
+    else:
+        procs.run(STAGES[stage].shared, lambda: STAGES[stage].run(cfg))
     return round(time.perf_counter() - t0, 1)
 
 

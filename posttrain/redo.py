@@ -16,10 +16,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from posttrain.config import Config
+from posttrain.config import Config, ConfigError
 from posttrain.io import atomic_write_json, atomic_write_text, read_json
 from posttrain.metrics import read_metrics
 from posttrain.model.load import resolve_device
+from posttrain.train.dist import DEEPSPEED
 from posttrain.stages import STAGES, clear_stale, config_diff, made, set_stale, stale
 
 REDO = "redo.json"     # in the run directory: what a `run --force` has redone so far
@@ -33,8 +34,12 @@ class Processes:
     """Rank and barrier under `accelerate launch` / torchrun (one process: no-ops). The
     process group is made here, with `timeout_minutes` for its collectives."""
 
+    waits = 0   # wait_for_main's count: per process, for the process group's whole life
+
     def __init__(self, cfg: Config):
-        self.state, self.waits = None, 0
+        self.state = None
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            raise ConfigError(DEEPSPEED)   # before accelerate asks for deepspeed itself
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState  # heavy: only when several processes run
 
@@ -48,6 +53,20 @@ class Processes:
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
+
+    def run(self, shared: bool, fn):
+        """`fn()` on every process (`shared`) or on the main one, then `after`. Should the
+        main process fail in a stage it runs alone, the others are told, and stop too."""
+        result = None
+        try:
+            if shared or self.main:
+                result = fn()
+        except BaseException:
+            if not shared:
+                self.main_failed()
+            raise
+        self.after(shared)
+        return result
 
     def after(self, shared: bool) -> None:
         """Past a stage: a barrier after one every process ran (`shared`), else
@@ -63,16 +82,31 @@ class Processes:
         barrier would fail after it, however long the stage rightly takes), then all meet."""
         if self.state is None:
             return
-        import torch.distributed as tdist  # only when several processes run
-
-        store = tdist.distributed_c10d._get_default_store()
-        key = f"posttrain/main-done/{self.waits}"
-        self.waits += 1
+        store, key = self._store_key()
+        Processes.waits += 1
         if self.main:
-            store.set(key, "1")
+            store.set(key, "done")
         else:
             store.wait([key], PATIENT)
+            if store.get(key) == b"failed":
+                raise RuntimeError("the main process failed in a stage it ran alone (its "
+                                   "error says why); this process stops too")
         self.barrier()
+
+    def main_failed(self) -> None:
+        """The main process, failing in a stage it runs alone: the others stop waiting."""
+        if self.state is not None and self.main:
+            store, key = self._store_key()
+            store.set(key, "failed")
+
+    def _store_key(self):
+        """The process group's key-value store, and the key of the next wait: one per wait
+        and per restart of the launch (torchrun keeps its store across restarts)."""
+        import torch.distributed as tdist  # only when several processes run
+
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return (tdist.distributed_c10d._get_default_store(),
+                f"posttrain/{restart}/main-done/{Processes.waits}")
 
 
 def shadow_dir(cfg: Config, stage: str) -> Path:

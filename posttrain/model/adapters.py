@@ -183,6 +183,8 @@ def sft_only(model):
 
 def sharded(model) -> bool:
     """Whether FSDP (FSDP2's fully_shard) holds the trainable weights in shards (DTensors)."""
+    if not torch.distributed.is_available():
+        return False
     from torch.distributed.tensor import DTensor  # only what FSDP2 makes is one
 
     return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
@@ -194,18 +196,22 @@ def whole_weights(model):
     order) and kept whole while the body runs forwards of its own, as many as it likes with
     no collective (sampling: each process's samples end at other lengths), then sharded
     again. Without FSDP: nothing to do."""
+    if not sharded(model):
+        yield model
+        return
     from torch.distributed.fsdp import FSDPModule  # only FSDP2's modules are ones
 
-    parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in parts:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
+    done = []
     try:
+        for m in (m for m in model.modules() if isinstance(m, FSDPModule)):
+            done.append(m)
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
         yield model
-    finally:
-        for m in parts:
-            m.reshard()
+    finally:   # fsdp.yaml reshards after forward (fsdp_reshard_after_forward: true)
+        for m in done:
             m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
 
 
 @contextmanager

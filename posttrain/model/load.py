@@ -266,8 +266,8 @@ def check_context(cfg, model) -> None:
 
 
 def _bnb_config(cfg: ModelConfig, device: torch.device):
-    """NF4 with double quantisation; its compute and storage dtype is model.precision's
-    (bf16, or fp32 on a GPU without bf16: T4, V100)."""
+    """NF4 with double quantisation, computing and stored in bf16 where the GPU has it,
+    else (T4, V100), or with model.precision=fp32, in fp32."""
     if device.type != "cuda":
         raise ModelError("model.load_in_4bit=true (QLoRA) needs a CUDA GPU; this run is on "
                          f"{device.type}. Set model.load_in_4bit=false to train in fp32/bf16.")
@@ -278,7 +278,7 @@ def _bnb_config(cfg: ModelConfig, device: torch.device):
                          "'posttrain[qlora]'") from e
     from transformers import BitsAndBytesConfig  # heavy: loaded on first use
 
-    dtype = compute_dtype(cfg, device)
+    dtype = torch.bfloat16 if cfg.precision != "fp32" and bf16_supported(device) else torch.float32
     # storage in the compute dtype (not uint8): FSDP can shard the 4-bit weights then
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,

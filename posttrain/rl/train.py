@@ -231,14 +231,16 @@ def reference_logprobs(model, acc, cfg: Config, rnd: Round, mb, old: torch.Tenso
     """The KL reference's log-probs (n,): the recorded ones (offline), a later PPO epoch's
     cached ones (online), or one no-grad forward with the RL adapter off."""
     ids, online = mb.samples, rnd.ref_cache is not None
-    if online and all(i in rnd.ref_cache for i in ids):   # a later PPO epoch of the round
+    # under FSDP every process must run as many forwards as the others: no cache there
+    cache = online and not sharded(model)
+    if cache and all(i in rnd.ref_cache for i in ids):   # a later PPO epoch of the round
         return torch.cat([rnd.ref_cache[i] for i in ids]).to(acc.device)
     if not online and cfg.fast.recorded_reference:
         return old
     with torch.no_grad(), acc.autocast(), sft_only(acc.unwrap_model(model)) as ref_model:
         ref = policy_logprobs(ref_model, rnd.rollouts, mb.groups, pad_id, acc.device,
                               share_prompt).tokens.float()
-    if online:  # kept for the round's later PPO epochs
+    if cache:  # kept for the round's later PPO epochs
         for i, part in zip(ids, ref.split(lengths_of(rnd.rollouts, ids).tolist())):
             rnd.ref_cache[i] = part
     return ref
@@ -345,6 +347,7 @@ def run(cfg: Config) -> dict:
     model = load_policy(cfg, acc.device, cfg.run_dir / "sft" / "adapter", rl="new")
     loop = TrainLoop(cfg, "rl", cfg.rl, model, total_steps(cfg, acc.num_processes, offline),
                      acc, adapter=RL, extra={"beta": cfg.rl.beta})
+    shared_prompt_pass(cfg, loop)   # a setting FSDP cannot run stops before any sampling
     held_out = HeldOut(cfg, tokenizer)
     kl_budget = O.best_of_n_kl(cfg.rl.best_of_n)  # best-of-N's KL per summary: the yardstick
     if "eval_before" not in loop.extra:

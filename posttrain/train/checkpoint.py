@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from posttrain.io import atomic_dir, atomic_write_json
+from posttrain.config import ConfigError
+from posttrain.model.adapters import sharded
 from posttrain.train.dist import load_whole_state, rng_state
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -87,6 +89,9 @@ def load(path: Path, model, optimizer, scheduler, adapter: str = "default",
     if (Path(path) / "trainable.safetensors").is_file():   # FSDP's: whole, by name
         load_whole_state(model, optimizer, load_file(str(Path(path) / "trainable.safetensors")),
                          state["optimizer"])
+    elif sharded(model):
+        raise ConfigError(f"{path} was written without FSDP; resume it under the launch that "
+                          "wrote it, or delete its checkpoints folder to start over")
     else:
         set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter.safetensors")),
                                   adapter_name=adapter)

@@ -80,7 +80,11 @@ def load_whole_state(model, optimizer, weights: dict, optim: dict) -> None:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    options = StateDictOptions(full_state_dict=True, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise ValueError(f"a checkpoint's weights do not match the model's trainable ones: "
+                         f"{sorted(set(weights) ^ trainable)[:4]}")
+    options = StateDictOptions(full_state_dict=True, strict=False)   # the frozen ones stay
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, optim, options=options)
 

@@ -4,8 +4,9 @@ it trained on (the micro-batches its share held) and each loop's steps and AdamW
 counts to <out>/rank<R>.json, its final LoRA weights to <out>/rank<R>-<stage>.safetensors.
 With STAGE set it runs that stage alone; with DIE_AFTER_CHECKPOINT=N every process stops
 (KeyboardInterrupt) right after the checkpoint of step N is written; with SLOW_EVAL=S the
-evaluation (main process) first sleeps S seconds; with FSDP=1 the accelerator takes
-accelerate's FSDP2 path (fully_shard per decoder layer), as on a GPU launch."""
+evaluation (main process) first sleeps S seconds (with FAIL_EVAL=1 it fails); with FSDP=1
+the accelerator takes accelerate's FSDP2 path (fully_shard per decoder layer), as on a GPU
+launch."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from posttrain import pipeline, sft
-from posttrain.model.adapters import RL
+from posttrain.model.adapters import RL, sharded
 from posttrain.train import dist
 from posttrain.train.loop import TrainLoop
 from posttrain.config import load_config
@@ -25,7 +26,7 @@ from posttrain.config import load_config
 out = Path(sys.argv[1])
 cfg = load_config(None, tuple(sys.argv[2:]))
 rank = int(os.environ["RANK"])
-seen = {"sft": [], "rl": [], "optimizer_steps": {}, "loop_steps": {}}
+seen = {"sft": [], "rl": [], "optimizer_steps": {}, "loop_steps": {}, "sharded": {}}
 weights = {}
 
 
@@ -63,6 +64,7 @@ def finish_and_keep(self, *a, **k):  # a loop's end: the RL adapter, the optimiz
     seen["optimizer_steps"][self.stage] = sorted({int(s["step"]) for s in
                                                   self.optimizer.state.values()})
     seen["loop_steps"][self.stage] = self.step
+    seen["sharded"][self.stage] = sharded(self.unwrapped)
     return finish(self, *a, **k)
 
 
@@ -97,6 +99,8 @@ if os.environ.get("FSDP"):  # accelerate's FSDP2 path, which it takes only for G
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
             state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+        if self.mixed_precision != "no":   # as accelerate sets up a GPU launch's plugin
+            self.state.fsdp_plugin.set_mixed_precision(self.mixed_precision)
 
     Accelerator.__init__ = fsdp_init
 if os.environ.get("SLOW_EVAL"):  # the main process's eval takes this many seconds longer
@@ -110,6 +114,13 @@ if os.environ.get("SLOW_EVAL"):  # the main process's eval takes this many secon
         return real_eval(*a, **k)
 
     eval_run.run = slow_eval
+if os.environ.get("FAIL_EVAL"):  # the evaluation (main process) fails
+    from posttrain.evaluate import run as eval_run
+
+    def failing_eval(*a, **k):
+        raise RuntimeError("eval failed on purpose")
+
+    eval_run.run = failing_eval
 if os.environ.get("STAGE"):
     pipeline.run_stage(cfg, os.environ["STAGE"])
 else:

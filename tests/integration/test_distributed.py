@@ -228,18 +228,21 @@ def test_fsdp2_sft_checkpoints_resumes_and_saves_the_adapter_a_ddp_run_saves(tin
 def test_fsdp2_online_rl_trains_as_ddp_does(tiny_model_dir, tmp_path):
     """The whole pipeline with accelerate's FSDP2 path forced on 2 CPU processes: online RL
     samples each round's share and the held-out checks from weights gathered whole (no
-    copy: FSDP refuses one), takes the KL reference with the adapter off, and ends with the
-    RL adapter DDP trains (each sample with its own prompt and unmerged sampling in both, as
-    FSDP runs them)."""
+    copy: FSDP refuses one), takes the KL reference with the adapter off in both PPO epochs
+    (no cache: every process runs as many forwards), and ends with the RL adapter DDP
+    trains (each sample with its own prompt and unmerged sampling in both, as FSDP runs
+    them); the policy was sharded in FSDP's run and not in DDP's."""
     common = TINY + (
         f"model.name={tiny_model_dir}", "sft.batch_size=2", "sft.grad_accum=1",
         "lora.dropout=0.0", "rl.mode=online", "rl.iterations=2", "rl.prompts_per_iteration=4",
         "generate.samples_per_prompt=2", "generate.batch_size=2", "rl.batch_size=2",
         "rl.grad_accum=1", "rl.max_steps=0", "rl.advantage=group", "rl.share_prompt=false",
-        "model.merged_sampling=false", "rl.checkpoint_every=1")
+        "model.merged_sampling=false", "rl.checkpoint_every=1", "rl.ppo_epochs=2")
     for name, env in (("ddp", {}), ("fsdp", {"FSDP": "1"})):
         done = _launch(tmp_path / name, common + (f"out_dir={tmp_path / name / 'run'}",), **env)
         assert done.returncode == 0, done.stderr[-3000:]
+        seen = json.loads((tmp_path / name / "rank0.json").read_text())
+        assert seen["sharded"] == {"sft": name == "fsdp", "rl": name == "fsdp"}
     a, b = (load_file(str(tmp_path / d / "run" / "rl" / "adapter" / "adapter_model.safetensors"))
             for d in ("ddp", "fsdp"))
     assert a.keys() == b.keys() and a
@@ -264,3 +267,18 @@ def test_fsdp2_runs_bf16_with_frozen_bf16_weights_beside_fp32_lora(tiny_model_di
     done = _launch(tmp_path, overrides, FSDP="1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "rl" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_main_process_failing_alone_stops_the_others_at_once(tiny_model_dir, tmp_path):
+    """The evaluation fails on the main process: the other one, waiting for it in the store
+    (no deadline), is told and stops too, instead of waiting out its 30 minutes."""
+    overrides = TINY + (
+        f"out_dir={tmp_path / 'run'}", f"model.name={tiny_model_dir}", "sft.batch_size=2",
+        "sft.grad_accum=1", "rl.mode=online", "rl.iterations=1", "rl.prompts_per_iteration=2",
+        "generate.samples_per_prompt=2", "generate.batch_size=2", "rl.batch_size=2",
+        "rl.grad_accum=1", "rl.max_steps=0", "rl.advantage=group")
+    done = _launch(tmp_path, overrides, FAIL_EVAL="1")
+    assert done.returncode != 0
+    assert "eval failed on purpose" in done.stderr
+    assert "the main process failed in a stage it ran alone" in done.stderr, done.stderr[-3000:]
