@@ -12,7 +12,7 @@ number of samples offline) and the sampled tokens are printed beside it. Every p
 judged by the same evaluator (`posttrain eval`, the same prompts and seeds for all) on
 `--eval-prompts` x `--eval-samples` samples of prompts from `eval.prompts_split=train`
 (for the demo: its training posts; pass `eval.prompts=FILE` for real data, rows that
-neither SFT nor RL read) - never the held-out prompts the README's report uses. The SFT
+neither SFT nor RL read) - never the held-out prompts the demo's report uses. The SFT
 policy is sampled once per seed. Each (variant, seed) result is saved as it finishes
 (`<out>/results/<variant>-s<seed>.json`); a re-run skips finished ones. Prints per variant
 the SFT/RL variance ratio (mean and min-max over seeds), RL mean vs SFT, abrupt-ending
@@ -96,7 +96,7 @@ VARIANTS = {
     # Toward the best-of-N frontier: the KL summed per summary (the budget's unit). The
     # objectives whose optimum is best-of-N sampling (BOND, RAFT, best-of-N stop and hazard
     # distillation, on-policy distillation of a stop teacher) lost and were removed after
-    # 24b5816; their rows are in the README ("Best-of-N: the yardstick").
+    # 24b5816; their rows are in docs/results.md ("Best-of-N: the yardstick").
     "demo-summary-kl": Variant(
         "the demo's recipe (step-stop-end-b0.1) with both terms summed per summary and "
         "beta 1 on the KL per summary",

@@ -1,7 +1,7 @@
 """Throughput, peak memory and model FLOPs utilisation of each stage, with the naive RL
 baseline and every setting that changes speed switched in turn. (The exact fast paths,
 which are always on since 40584b2, were switched off one by one here before; their
-figures are in the README.)
+figures are in docs/speed.md.)
 
     python bench/throughput.py [--config demo] [--steps 3] [--warmup 1] [--only sft,generate,rl]
                                [--cases rl/ours,rl/naive] [--out FILE] [key=value ...]

@@ -34,7 +34,7 @@ class RLConfig:
     share_prompt: Union[bool, str] = "auto"
     """Run each prompt once for all its samples in a training step (exact: gradients flow
     through the shared cache). false runs every sample with its own copy of the prompt.
-    `auto`: true on CPU, false on CUDA (README's H200 table: there the two passes in
+    `auto`: true on CPU, false on CUDA (docs/speed.md's H200 table: there the two passes in
     sequence cost more than the repeated prompt saves)."""
     prompt_grad: bool = True
     """true: the gradient flows through the shared prompt's keys and values (the exact

@@ -40,7 +40,7 @@ class GenerateConfig:
     group_by_length: Union[bool, str] = "auto"
     """Batch the drawn prompts in order of length (less left-padding in the prompt pass and
     the cache); false keeps the draw order (the plain way, for comparison). `auto`: true on
-    CPU, false on CUDA (README's H200 table: unsorted batches sampled faster there)."""
+    CPU, false on CUDA (docs/speed.md's H200 table: unsorted batches sampled faster there)."""
     backend: str = "hf"
     """Who samples the generation stage's set: `hf` (posttrain's sampler: one prompt pass
     per group, finished rows leave the batch) or `vllm` (CUDA and the vllm package; the

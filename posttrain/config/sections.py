@@ -32,8 +32,8 @@ class ModelConfig:
     residual stream and the LoRA weights stay fp32: the same numbers as fp32 storage under
     autocast, which would cast each weight to bf16 on every forward, without those casts);
     `compute` (every frozen weight in the compute dtype: the residual stream is then bf16
-    too, pure bf16 as most GPU recipes run; on the demo RL learned far less with it, README
-    "Speed"); or `auto` (`matmul` where the compute dtype is bf16, else fp32). A 4-bit base
+    too, pure bf16 as most GPU recipes run; on the demo RL learned far less with it,
+    docs/speed.md); or `auto` (`matmul` where the compute dtype is bf16, else fp32). A 4-bit base
     is unaffected."""
     gqa_attention: Union[bool, str] = "auto"
     """Grouped-query attention (models with fewer key/value heads than query heads, such as
@@ -48,9 +48,9 @@ class ModelConfig:
     merged_sampling: bool = True
     """Sample (generate, eval, RL's held-out checks) from a copy of the policy with its LoRA
     adapters merged into the weights, in the compute dtype, without autocast: no per-call
-    weight casts and no adapter matmuls (README, "Sampling speed"). Under bf16 the log-probs
-    it records differ from the training forward's by rounding. false samples through the
-    adapters. A 4-bit base is never merged."""
+    weight casts and no adapter matmuls (docs/results.md, "Sampling speed"). Under bf16 the
+    log-probs it records differ from the training forward's by rounding. false samples
+    through the adapters. A 4-bit base is never merged."""
 
     def __post_init__(self):
         _choice(self.precision, "model.precision", ("auto", "fp32", "bf16"))

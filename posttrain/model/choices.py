@@ -2,8 +2,8 @@
 
 The config keeps `auto` (it is never changed); `DeviceChoices(cfg, device)` answers, as
 properties, what each `auto` field means on that device, and `record()` is what a stage
-writes into its environment.json. The CPU choices were measured on 2 cores (README,
-"Speed"); the CUDA ones come from the README's H200 table (a 1B-shaped model): there plain
+writes into its environment.json. The CPU choices were measured on 2 cores (docs/speed.md);
+the CUDA ones come from docs/speed.md's H200 table (a 1B-shaped model): there plain
 fp32 beat bf16 autocast over fp32 weights, each sample with its own prompt beat the shared
 prompt pass, and unsorted generation batches beat length-sorted ones; and SDPA's grouped
 heads with a mask would run its math kernel there.

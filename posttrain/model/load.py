@@ -48,7 +48,7 @@ def bf16_supported(device: torch.device) -> bool:
 
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     """model.precision: bf16 or fp32. `auto` is bf16 on a CPU that supports it, fp32 on
-    CUDA (README's H200 table: plain fp32 beat bf16 autocast) and on CPUs without bf16."""
+    CUDA (docs/speed.md's H200 table: plain fp32 beat bf16 autocast) and on CPUs without bf16."""
     if cfg.precision == "bf16":
         if not bf16_supported(device):
             raise ModelError(f"model.precision=bf16 but this {device.type} does not support bf16")
