@@ -32,6 +32,15 @@ def _launch(tmp_path, overrides, **env):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _same_adapters(a_dir: Path, b_dir: Path, rtol: float, atol: float, stage: str = "sft"):
+    """The two runs' `stage` adapters hold the same tensors, within rtol / atol."""
+    a, b = (load_file(str(d / stage / "adapter" / "adapter_model.safetensors"))
+            for d in (a_dir, b_dir))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol)
+
+
 @pytest.mark.slow
 def test_two_processes_split_the_data_and_agree_on_the_weights(tiny_model_dir, tmp_path):
     overrides = TINY + (
@@ -167,11 +176,7 @@ def test_a_step_is_one_optimizer_step_and_the_padding_micro_batch_moves_nothing(
     from posttrain import sft
     from posttrain.config import load_config
     sft.run(load_config(None, common + (f"out_dir={tmp_path / 'one'}", "sft.grad_accum=2")))
-    a, b = (load_file(str(tmp_path / d / "sft" / "adapter" / "adapter_model.safetensors"))
-            for d in ("one", "two"))
-    assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    _same_adapters(tmp_path / "one", tmp_path / "two", rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -217,11 +222,7 @@ def test_fsdp2_sft_checkpoints_resumes_and_saves_the_adapter_a_ddp_run_saves(tin
     resumed = _launch(tmp_path, fsdp, STAGE="sft", FSDP="1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
-    a, b = (load_file(str(tmp_path / d / "sft" / "adapter" / "adapter_model.safetensors"))
-            for d in ("ddp", "fsdp"))
-    assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    _same_adapters(tmp_path / "ddp", tmp_path / "fsdp", rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow
@@ -243,11 +244,8 @@ def test_fsdp2_online_rl_trains_as_ddp_does(tiny_model_dir, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         seen = json.loads((tmp_path / name / "rank0.json").read_text())
         assert seen["sharded"] == {"sft": name == "fsdp", "rl": name == "fsdp"}
-    a, b = (load_file(str(tmp_path / d / "run" / "rl" / "adapter" / "adapter_model.safetensors"))
-            for d in ("ddp", "fsdp"))
-    assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    _same_adapters(tmp_path / "ddp" / "run", tmp_path / "fsdp" / "run", rtol=1e-5, atol=1e-6,
+                   stage="rl")
     assert (tmp_path / "fsdp" / "run" / "eval" / "report.json").is_file()
 
 
