@@ -227,12 +227,12 @@ def loss(b: StepBatch, rows: slice, new: LogProbs, ref: torch.Tensor, cfg: Confi
 
 
 def reference_logprobs(model, acc, cfg: Config, rnd: Round, mb, old: torch.Tensor,
-                       pad_id: int, share_prompt: bool) -> torch.Tensor:
+                       pad_id: int, share_prompt: bool, fsdp: bool) -> torch.Tensor:
     """The KL reference's log-probs (n,): the recorded ones (offline), a later PPO epoch's
     cached ones (online), or one no-grad forward with the RL adapter off."""
     ids, online = mb.samples, rnd.ref_cache is not None
     # under FSDP every process must run as many forwards as the others: no cache there
-    cache = online and not sharded(model)
+    cache = online and not fsdp
     if cache and all(i in rnd.ref_cache for i in ids):   # a later PPO epoch of the round
         return torch.cat([rnd.ref_cache[i] for i in ids]).to(acc.device)
     if not online and cfg.fast.recorded_reference:
@@ -254,7 +254,7 @@ def train_step(loop: TrainLoop, rnd: Round, step: Step, tokenizer, cfg: Config,
     (6-7, beta and the log, follow in `run`); returns the step's metrics row (figures summed
     over the processes)."""
     acc, model, t0 = loop.acc, loop.model, time.perf_counter()
-    share_prompt = shared_prompt_pass(cfg, loop)
+    share_prompt, fsdp = shared_prompt_pass(cfg, loop), sharded(loop.unwrapped)  # once a step
     stop_id = tokenizer.eos_token_id
     # 1. the batch: advantages, loss weights, pi_old and the stop credit, as tensors
     b = step_batch(rnd, step, cfg, stop_id, acc.device)
@@ -274,7 +274,7 @@ def train_step(loop: TrainLoop, rnd: Round, step: Step, tokenizer, cfg: Config,
                                       prompt_grad=cfg.rl.prompt_grad)
             # 3. the KL reference's
             ref = reference_logprobs(model, acc, cfg, rnd, mb, b.old[rows],
-                                     tokenizer.pad_token_id, share_prompt)
+                                     tokenizer.pad_token_id, share_prompt, fsdp)
             # 4. the objective, and backward
             mb_loss, stats = loss(b, rows, new, ref, cfg, beta, share * acc.num_processes)
             if not dist.all_finite(acc, mb_loss):
